@@ -1,0 +1,162 @@
+/**
+ * Systems under test ("peers"): each is `{ name, start() }`, and `start()` brings one up on
+ * 127.0.0.1 with a fresh 1 GiB sparse volume in its own temp dir, waits until its NBD export
+ * answers, and returns the URI, the processes to measure, and `stop()`.
+ *
+ * Peers today: `duplex` (single node), `qemu-nbd` (unreplicated, writeback cache, same durability
+ * contract), `quorum` (QEMU's block-layer quorum of a local file and an NBD child served by a
+ * second qemu-nbd: synchronous two-way replication). A replicated duplex peer is another
+ * `Peer` that starts two nodes and returns the primary's URI.
+ */
+import { closeSync, ftruncateSync, openSync } from 'node:fs'
+import { join } from 'node:path'
+import {
+  freePort,
+  makeTempDir,
+  removeTempDir,
+  run,
+  spawnTracked,
+  stopTracked,
+  waitForNbd,
+} from './proc.js'
+import type { Tracked } from './proc.js'
+
+export const volumeBytes = 1024 * 1024 * 1024
+
+export interface RunningPeer {
+  readonly uri: string
+  /** Processes whose peak RSS is reported, labelled by role. */
+  readonly processes: readonly Tracked[]
+  stop(): Promise<void>
+}
+
+export interface Peer {
+  readonly name: string
+  start(): Promise<RunningPeer>
+}
+
+export interface PeerContext {
+  /** Repository root, resolved from the compiled file's location. */
+  readonly repoRoot: string
+}
+
+function sparseFile(dir: string, name: string): string {
+  const path = join(dir, name)
+  const fd = openSync(path, 'wx')
+  ftruncateSync(fd, volumeBytes)
+  closeSync(fd)
+  return path
+}
+
+/** Stop in reverse start order, then remove the temp dir. */
+function stopper(procs: readonly Tracked[], dir: string): () => Promise<void> {
+  return async () => {
+    for (const p of [...procs].reverse()) await stopTracked(p)
+    removeTempDir(dir)
+  }
+}
+
+/** Start a qemu-nbd on FILE exporting `vol`; returns the process and its URI once ready. */
+async function startQemuNbd(name: string, file: string): Promise<{ proc: Tracked; uri: string }> {
+  const port = await freePort()
+  const args = ['-f', 'raw', '-x', 'vol', '-b', '127.0.0.1', '-p', String(port), '-t']
+  const proc = spawnTracked(name, 'qemu-nbd', [...args, '--cache=writeback', file])
+  const uri = `nbd://127.0.0.1:${port}/vol`
+  try {
+    await waitForNbd(uri, [proc])
+  } catch (err) {
+    await stopTracked(proc)
+    throw err
+  }
+  return { proc, uri }
+}
+
+export const qemuNbdPeer: Peer = {
+  name: 'qemu-nbd',
+  async start() {
+    const dir = makeTempDir('qemu-nbd')
+    const { proc, uri } = await startQemuNbd('qemu-nbd', sparseFile(dir, 'vol.img'))
+    return { uri, processes: [proc], stop: stopper([proc], dir) }
+  },
+}
+
+export const quorumPeer: Peer = {
+  name: 'quorum',
+  async start() {
+    const dir = makeTempDir('quorum')
+    const a = sparseFile(dir, 'a.img')
+    const b = sparseFile(dir, 'b.img')
+    const replica = await startQemuNbd('quorum-replica(qemu-nbd)', b)
+    const port = await freePort()
+    const replicaPort = new URL(replica.uri).port
+    const daemon = spawnTracked('quorum-primary(qemu-storage-daemon)', 'qemu-storage-daemon', [
+      ...['--blockdev', `driver=file,node-name=fa,filename=${a}`],
+      ...['--blockdev', 'driver=raw,node-name=ra,file=fa'],
+      '--blockdev',
+      `driver=nbd,node-name=nb,server.type=inet,server.host=127.0.0.1,server.port=${replicaPort},export=vol`,
+      ...['--blockdev', 'driver=raw,node-name=rb,file=nb'],
+      '--blockdev',
+      'driver=quorum,node-name=q,children.0=ra,children.1=rb,vote-threshold=1',
+      ...['--nbd-server', `addr.type=inet,addr.host=127.0.0.1,addr.port=${port}`],
+      ...['--export', 'type=nbd,id=e,node-name=q,name=vol,writable=on'],
+    ])
+    const procs = [replica.proc, daemon]
+    const uri = `nbd://127.0.0.1:${port}/vol`
+    try {
+      await waitForNbd(uri, procs)
+    } catch (err) {
+      await stopper(procs, dir)()
+      throw err
+    }
+    return { uri, processes: procs, stop: stopper(procs, dir) }
+  },
+}
+
+/** Single-node duplex: `volume create` offline, then `node` as a daemon. */
+export function duplexPeer(ctx: PeerContext): Peer {
+  const cli = join(ctx.repoRoot, 'dist', 'src', 'cli', 'main.js')
+  return {
+    name: 'duplex',
+    async start() {
+      const dir = makeTempDir('duplex')
+      const dataDir = join(dir, 'data')
+      const create = await run(process.execPath, [
+        ...[cli, 'volume', 'create', 'bench'],
+        ...['--size', '1G', '--data-dir', dataDir],
+      ])
+      if (create.code !== 0) {
+        removeTempDir(dir)
+        throw new Error(
+          `duplex volume create exited ${create.code}:\n${create.stderr}${create.stdout}`,
+        )
+      }
+      const port = await freePort()
+      const node = spawnTracked('duplex-node', process.execPath, [
+        ...[cli, 'node', '--data-dir', dataDir],
+        ...['--listen', `127.0.0.1:${port}`, '--metrics-listen', '127.0.0.1:0'],
+      ])
+      const uri = `nbd://127.0.0.1:${port}/bench`
+      try {
+        await waitForNbd(uri, [node])
+      } catch (err) {
+        await stopper([node], dir)()
+        throw err
+      }
+      return { uri, processes: [node], stop: stopper([node], dir) }
+    },
+  }
+}
+
+export const peerNames = ['duplex', 'qemu-nbd', 'quorum'] as const
+export type PeerName = (typeof peerNames)[number]
+
+export function makePeer(name: PeerName, ctx: PeerContext): Peer {
+  switch (name) {
+    case 'duplex':
+      return duplexPeer(ctx)
+    case 'qemu-nbd':
+      return qemuNbdPeer
+    case 'quorum':
+      return quorumPeer
+  }
+}

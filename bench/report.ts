@@ -1,0 +1,189 @@
+/**
+ * The benchmark report: machine description, the JSON document, and the markdown tables.
+ *
+ * Ratios compare duplex with each other peer on the same run. Throughput ratio is
+ * duplex/peer (IOPS and MB/s give the same ratio at a fixed block size); latency ratio is
+ * peer/duplex. In both, > 1 means duplex is better. The single-node target is >= 0.8 against
+ * qemu-nbd on every job.
+ */
+import { cpus, freemem, totalmem, release, hostname } from 'node:os'
+import { run } from './proc.js'
+import type { FillResult, FioResult, JobSpec } from './fio.js'
+
+export const targetRatio = 0.8
+export const targetPeer = 'qemu-nbd'
+
+export interface Machine {
+  readonly hostname: string
+  readonly nproc: number
+  readonly cpuModel: string
+  readonly memTotalBytes: number
+  readonly memFreeBytesAtStart: number
+  readonly kernel: string
+  readonly node: string
+  readonly fio: string
+  readonly qemu: string
+}
+
+export async function describeMachine(): Promise<Machine> {
+  const fio = await run('fio', ['--version'])
+  const qemu = await run('qemu-nbd', ['--version'])
+  return {
+    hostname: hostname(),
+    nproc: cpus().length,
+    cpuModel: cpus()[0]?.model ?? 'unknown',
+    memTotalBytes: totalmem(),
+    memFreeBytesAtStart: freemem(),
+    kernel: release(),
+    node: process.version,
+    fio: fio.stdout.trim(),
+    qemu: qemu.stdout.split('\n')[0]?.trim() ?? 'unknown',
+  }
+}
+
+export type Outcome = { ok: true; result: FioResult } | { ok: false; error: string }
+
+export interface PeerReport {
+  readonly name: string
+  readonly uri: string | null
+  /** Set if the peer could not be started; then it has no results. */
+  readonly startError: string | null
+  /** Peak RSS per process, read from VmHWM just before stopping. */
+  readonly peakRss: readonly { process: string; pid: number; bytes: number | null }[]
+  readonly fill: FillResult | null
+}
+
+export interface Report {
+  readonly startedAt: string
+  readonly gitSha: string
+  readonly gitDirty: boolean
+  readonly options: { runtimeSec: number; rampSec: number; volumeBytes: number }
+  readonly machine: Machine
+  readonly jobs: readonly JobSpec[]
+  readonly peers: readonly PeerReport[]
+  /** results[job][peer] */
+  readonly results: Record<string, Record<string, Outcome>>
+  /** Order in which peers ran each job (alternates to spread drift). */
+  readonly order: Record<string, readonly string[]>
+}
+
+const fmt = (n: number | null | undefined, digits = 0): string =>
+  n === null || n === undefined || !Number.isFinite(n)
+    ? '–'
+    : n.toLocaleString('en-US', { maximumFractionDigits: digits, minimumFractionDigits: digits })
+
+const ratio = (num: number | null, den: number | null): number | null =>
+  num === null || den === null || den === 0 ? null : num / den
+
+const mib = (bytes: number | null): string => (bytes === null ? '–' : fmt(bytes / 2 ** 20, 1))
+
+function resultsTable(r: Report): string[] {
+  const lines = [
+    '| job | peer | IOPS | MB/s | clat p50 µs | clat p99 µs |',
+    '|---|---|--:|--:|--:|--:|',
+  ]
+  for (const job of r.jobs) {
+    for (const peer of r.peers) {
+      const o = r.results[job.name]?.[peer.name]
+      if (o === undefined) continue
+      if (!o.ok) {
+        lines.push(`| ${job.name} | ${peer.name} | error | | | |`)
+        continue
+      }
+      const x = o.result
+      lines.push(
+        `| ${job.name} | ${peer.name} | ${fmt(x.iops)} | ${fmt(x.mbPerSec, 1)} | ${fmt(x.clatP50Us, 1)} | ${fmt(x.clatP99Us, 1)} |`,
+      )
+    }
+  }
+  return lines
+}
+
+function ratioTable(r: Report): string[] {
+  const others = r.peers.filter((p) => p.name !== 'duplex')
+  const lines = [
+    `| job | vs peer | throughput duplex/peer | p50 latency peer/duplex | p99 latency peer/duplex | target ≥ ${targetRatio}x ${targetPeer} |`,
+    '|---|---|--:|--:|--:|:-:|',
+  ]
+  for (const job of r.jobs) {
+    const d = r.results[job.name]?.['duplex']
+    for (const peer of others) {
+      const p = r.results[job.name]?.[peer.name]
+      if (d === undefined || p === undefined) continue
+      if (!d.ok || !p.ok) {
+        lines.push(`| ${job.name} | ${peer.name} | error | | | |`)
+        continue
+      }
+      const tp = ratio(d.result.iops, p.result.iops)
+      const l50 = ratio(p.result.clatP50Us, d.result.clatP50Us)
+      const l99 = ratio(p.result.clatP99Us, d.result.clatP99Us)
+      // The latency job is judged on p50 latency, the others on throughput.
+      const judged = job.latencyJob ? l50 : tp
+      const mark =
+        peer.name !== targetPeer || judged === null ? '' : judged >= targetRatio ? 'pass' : 'FAIL'
+      lines.push(
+        `| ${job.name} | ${peer.name} | ${fmt(tp, 2)} | ${fmt(l50, 2)} | ${fmt(l99, 2)} | ${mark} |`,
+      )
+    }
+  }
+  return lines
+}
+
+function peersTable(r: Report): string[] {
+  const lines = ['| peer | process | pid | peak RSS MiB | fill MB/s |', '|---|---|--:|--:|--:|']
+  for (const p of r.peers) {
+    if (p.startError !== null) {
+      lines.push(`| ${p.name} | failed to start | | | |`)
+      continue
+    }
+    for (const rss of p.peakRss) {
+      lines.push(
+        `| ${p.name} | ${rss.process} | ${rss.pid} | ${mib(rss.bytes)} | ${fmt(p.fill?.mbPerSec, 1)} |`,
+      )
+    }
+  }
+  return lines
+}
+
+export function renderMarkdown(r: Report): string {
+  const m = r.machine
+  const out = [
+    `# duplex benchmark ${r.startedAt} (${r.gitSha}${r.gitDirty ? ', dirty tree' : ''})`,
+    '',
+    `Machine: ${m.nproc} CPUs (${m.cpuModel}), ${mib(m.memTotalBytes)} MiB RAM, Linux ${m.kernel}, ` +
+      `Node ${m.node}, ${m.fio}, ${m.qemu}.`,
+    `fio: ioengine=nbd, numjobs=1, runtime ${r.options.runtimeSec} s after ${r.options.rampSec} s ramp, ` +
+      `size ${mib(r.options.volumeBytes)} MiB, fresh sparse volume per peer, peers alternate order per job.`,
+    '',
+    '## Results',
+    '',
+    ...resultsTable(r),
+  ]
+  if (r.peers.some((p) => p.name === 'duplex') && r.peers.length > 1) {
+    out.push(
+      '',
+      '## Ratios (> 1 is better for duplex)',
+      '',
+      'Throughput ratio = duplex/peer; latency ratios = peer/duplex. ' +
+        `Target column: ${targetPeer} only; throughput for the qd32/qd8 jobs, p50 latency for qd1.`,
+      '',
+      ...ratioTable(r),
+    )
+  }
+  out.push('', '## Peers', '', ...peersTable(r))
+  const errors: string[] = []
+  for (const p of r.peers) {
+    if (p.startError !== null) errors.push(`- ${p.name} start: ${firstLines(p.startError)}`)
+  }
+  for (const [job, byPeer] of Object.entries(r.results)) {
+    for (const [peer, o] of Object.entries(byPeer)) {
+      if (!o.ok) errors.push(`- ${job} on ${peer}: ${firstLines(o.error)}`)
+    }
+  }
+  if (errors.length > 0) out.push('', '## Errors', '', ...errors)
+  return out.join('\n') + '\n'
+}
+
+function firstLines(s: string): string {
+  return s.split('\n').slice(0, 6).join(' ⏎ ').slice(0, 600)
+}

@@ -1,0 +1,117 @@
+#!/usr/bin/env node
+/**
+ * The `duplex` executable: argument parsing and wiring only. Each command lives in its own
+ * module; errors become a sentence on stderr and an exit code here (see output.ts).
+ */
+// The libuv pool runs every file read, write and fdatasync. Its default of 4 threads caps a
+// node at 4 concurrent disk operations; set before the first file operation creates the pool.
+process.env.UV_THREADPOOL_SIZE ??= '16'
+
+import yargs from 'yargs'
+import { hideBin } from 'yargs/helpers'
+import { runNodeCommand } from './node-command.js'
+import { createVolume, deleteVolume, listVolumes } from './volume-command.js'
+import { runDemo } from './demo.js'
+import { ExitCode, reportError } from './output.js'
+
+async function main(argv: string[]): Promise<number> {
+  let result: Promise<number> = Promise.resolve(ExitCode.OK)
+  const run = (work: () => Promise<number | undefined>): void => {
+    result = work().then((code) => code ?? ExitCode.OK)
+  }
+  await yargs(argv)
+    .scriptName('duplex')
+    .usage('$0 <command>\n\nSynchronous two-replica block storage served over NBD.')
+    .command(
+      'node',
+      'run a storage node daemon in the foreground',
+      (y) =>
+        y
+          .option('data-dir', { type: 'string', demandOption: true, describe: 'node state directory' })
+          .option('listen', { type: 'string', default: '127.0.0.1:10809', describe: 'NBD HOST:PORT' })
+          .option('metrics-listen', { type: 'string', describe: 'HOST:PORT for /metrics' })
+          .option('name', { type: 'string', default: 'node', describe: 'node name in logs and metrics' })
+          .option('block-size-min', {
+            type: 'number',
+            default: 1,
+            describe: 'minimum block size advertised to clients (1, 512 or 4096)',
+          }),
+      (a) => {
+        run(() =>
+          runNodeCommand({
+            name: a.name,
+            dataDir: a['data-dir'],
+            listen: a.listen,
+            metricsListen: a['metrics-listen'],
+            blockSizeMin: a['block-size-min'],
+          }),
+        )
+      },
+    )
+    .command('volume', 'create, delete and list volumes on a node', (y) =>
+      y
+        .option('data-dir', { type: 'string', demandOption: true, describe: 'the node state directory' })
+        .command(
+          'create <name>',
+          'create a volume',
+          (c) =>
+            c
+              .positional('name', { type: 'string', demandOption: true })
+              .option('size', { type: 'string', demandOption: true, describe: 'e.g. 50G, 512M' }),
+          (a) => {
+            run(() => createVolume(a['data-dir'], a.name, a.size).then(() => undefined))
+          },
+        )
+        .command(
+          'delete <name>',
+          'delete a volume and its data',
+          (c) =>
+            c
+              .positional('name', { type: 'string', demandOption: true })
+              .option('yes', { type: 'boolean', default: false, describe: 'confirm deletion' }),
+          (a) => {
+            run(() => deleteVolume(a['data-dir'], a.name, a.yes).then(() => undefined))
+          },
+        )
+        .command(
+          'list',
+          'list volumes',
+          (c) => c.option('output', { choices: ['table', 'json'] as const, default: 'table' as const }),
+          (a) => {
+            run(() => listVolumes(a['data-dir'], a.output).then(() => undefined))
+          },
+        )
+        .demandCommand(1, 'name a volume command: create, delete or list'),
+    )
+    .command(
+      'demo',
+      'run a local demo cluster on 127.0.0.1 (what `npm start` runs)',
+      (y) =>
+        y
+          .option('dir', { type: 'string', default: '.duplex-demo', describe: 'state directory' })
+          .option('port', { type: 'number', default: 10809, describe: 'first port to use' }),
+      (a) => {
+        run(() => runDemo({ dir: a.dir, port: a.port }))
+      },
+    )
+    .demandCommand(1, 'name a command (try --help)')
+    .strict()
+    .completion('completion', 'print a shell completion script')
+    .fail((message, error) => {
+      if (error) throw error
+      process.stderr.write(`duplex: ${message}\nRun 'duplex --help' for usage.\n`)
+      process.exit(ExitCode.USAGE)
+    })
+    .help()
+    .parseAsync()
+  return result
+}
+
+main(hideBin(process.argv)).then(
+  (code) => {
+    process.exitCode = code
+  },
+  (error: unknown) => {
+    process.exitCode = reportError(error)
+  },
+)

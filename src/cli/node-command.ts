@@ -1,0 +1,69 @@
+/**
+ * `duplex node`: runs the storage daemon in the foreground until SIGTERM or SIGINT. Prints one
+ * ready line on stdout once it serves (scripts and `duplex demo` wait for it); logs go to stderr.
+ */
+import { createLogger } from '../core/log.js'
+import { DuplexError } from '../core/errors.js'
+import { startNode } from '../daemon/node.js'
+import { formatEndpoint, parseEndpoint } from './endpoints.js'
+import { PAYLOAD_BYTES_MAX } from '../nbd/protocol.js'
+
+export interface NodeArgs {
+  name: string
+  dataDir: string
+  listen: string
+  metricsListen?: string | undefined
+  blockSizeMin: number
+}
+
+export async function runNodeCommand(args: NodeArgs): Promise<number> {
+  if (![1, 512, 4096].includes(args.blockSizeMin)) {
+    throw new DuplexError('INVALID_ARGUMENT', '--block-size-min must be 1, 512 or 4096')
+  }
+  const log = createLogger(args.name)
+  const listen = parseEndpoint(args.listen, '--listen')
+  const metricsListen =
+    args.metricsListen === undefined ? undefined : parseEndpoint(args.metricsListen, '--metrics-listen')
+  const node = await startNode({
+    name: args.name,
+    dataDir: args.dataDir,
+    listen,
+    ...(metricsListen === undefined ? {} : { metricsListen }),
+    blockSizes: {
+      minBytes: args.blockSizeMin,
+      preferredBytes: Math.max(4096, args.blockSizeMin),
+      maxBytes: PAYLOAD_BYTES_MAX,
+    },
+    log,
+  })
+  const nbd = `nbd://${formatEndpoint(node.nbdAddress.address, node.nbdAddress.port)}`
+  const metrics =
+    node.metricsAddress === undefined
+      ? ''
+      : ` metrics http://${formatEndpoint(node.metricsAddress.address, node.metricsAddress.port)}/metrics`
+  process.stdout.write(`${args.name} listening ${nbd}${metrics}\n`)
+  log.info('serving', { nbd, dataDir: args.dataDir })
+
+  return new Promise((resolve) => {
+    let signals = 0
+    const onSignal = (signal: NodeJS.Signals): void => {
+      signals += 1
+      if (signals > 1) {
+        log.warn('second signal: exiting without waiting', { signal })
+        process.exit(1)
+      }
+      log.info('signal received', { signal })
+      node.stop().then(
+        () => {
+          resolve(0)
+        },
+        (error: unknown) => {
+          log.error('unclean stop', { error: String(error) })
+          resolve(1)
+        },
+      )
+    }
+    process.on('SIGTERM', onSignal)
+    process.on('SIGINT', onSignal)
+  })
+}

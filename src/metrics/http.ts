@@ -1,0 +1,56 @@
+/**
+ * Serves a prom-client registry at /metrics over HTTP. Issue 6 fills the registry with duplex's
+ * own metrics; the endpoint and its address already belong to every daemon's contract.
+ */
+import http from 'node:http'
+import type { AddressInfo } from 'node:net'
+import type { Registry } from 'prom-client'
+import type { Logger } from '../core/log.js'
+import { errorMessage } from '../core/errors.js'
+
+export class MetricsServer {
+  private readonly server: http.Server
+
+  constructor(
+    private readonly registry: Registry,
+    private readonly log: Logger,
+  ) {
+    this.server = http.createServer((request, response) => {
+      void this.serve(request, response)
+    })
+  }
+
+  async listen(host: string, port: number): Promise<AddressInfo> {
+    await new Promise<void>((resolve, reject) => {
+      this.server.once('error', reject)
+      this.server.listen({ host, port }, () => {
+        this.server.off('error', reject)
+        resolve()
+      })
+    })
+    return this.server.address() as AddressInfo
+  }
+
+  async close(): Promise<void> {
+    this.server.closeAllConnections()
+    await new Promise<void>((resolve) => {
+      this.server.close(() => {
+        resolve()
+      })
+    })
+  }
+
+  private async serve(request: http.IncomingMessage, response: http.ServerResponse): Promise<void> {
+    if (request.method !== 'GET' || (request.url ?? '').split('?')[0] !== '/metrics') {
+      response.writeHead(404, { 'content-type': 'text/plain' }).end('try /metrics\n')
+      return
+    }
+    try {
+      const body = await this.registry.metrics()
+      response.writeHead(200, { 'content-type': this.registry.contentType }).end(body)
+    } catch (error) {
+      this.log.error('metrics collection failed', { error: errorMessage(error) })
+      response.writeHead(500, { 'content-type': 'text/plain' }).end('metrics collection failed\n')
+    }
+  }
+}

@@ -1,0 +1,160 @@
+/**
+ * Test helper: runs real `duplex` processes (the built CLI) in a temp directory and tells
+ * whether the real NBD clients the tests drive are installed. Under DUPLEX_REQUIRE_TOOLS=1 (CI)
+ * a missing tool fails the test instead of skipping it.
+ */
+import { execFile, spawn } from 'node:child_process'
+import type { ChildProcess } from 'node:child_process'
+import fs from 'node:fs/promises'
+import os from 'node:os'
+import path from 'node:path'
+import readline from 'node:readline'
+import { fileURLToPath } from 'node:url'
+import { promisify } from 'node:util'
+
+const execFileAsync = promisify(execFile)
+
+export const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..')
+export const cliPath = path.join(repoRoot, 'dist/src/cli/main.js')
+
+export async function tempDir(prefix = 'duplex-test-'): Promise<string> {
+  return fs.mkdtemp(path.join(os.tmpdir(), prefix))
+}
+
+export interface RunResult {
+  code: number
+  stdout: string
+  stderr: string
+}
+
+/** Runs a command to completion; never throws for a non-zero exit. */
+export async function run(
+  command: string,
+  args: string[],
+  options: { timeoutMs?: number; input?: string } = {},
+): Promise<RunResult> {
+  try {
+    const { stdout, stderr } = await execFileAsync(command, args, {
+      timeout: options.timeoutMs ?? 120_000,
+      maxBuffer: 64 * 1024 * 1024,
+    })
+    return { code: 0, stdout, stderr }
+  } catch (error) {
+    const e = error as { code?: number | string; stdout?: string; stderr?: string }
+    return {
+      code: typeof e.code === 'number' ? e.code : -1,
+      stdout: e.stdout ?? '',
+      stderr: e.stderr ?? String(error),
+    }
+  }
+}
+
+/** Runs the duplex CLI with the given arguments. */
+export function duplex(args: string[], timeoutMs?: number): Promise<RunResult> {
+  return run(process.execPath, [cliPath, ...args], timeoutMs === undefined ? {} : { timeoutMs })
+}
+
+const toolCache = new Map<string, boolean>()
+
+export async function hasTool(tool: string): Promise<boolean> {
+  const cached = toolCache.get(tool)
+  if (cached !== undefined) return cached
+  const found = (await run('sh', ['-c', `command -v ${tool}`])).code === 0
+  toolCache.set(tool, found)
+  return found
+}
+
+/**
+ * Returns a skip reason when a tool is missing, or undefined when all are present. Throws under
+ * DUPLEX_REQUIRE_TOOLS=1, so CI cannot pass by skipping.
+ */
+export async function missingTools(tools: string[]): Promise<string | undefined> {
+  const missing: string[] = []
+  for (const tool of tools) if (!(await hasTool(tool))) missing.push(tool)
+  if (missing.length === 0) return undefined
+  const reason = `missing tools: ${missing.join(', ')} (install qemu-utils libnbd-bin fio)`
+  if (process.env.DUPLEX_REQUIRE_TOOLS === '1') throw new Error(`DUPLEX_REQUIRE_TOOLS=1 and ${reason}`)
+  return reason
+}
+
+export interface NodeProcess {
+  name: string
+  dataDir: string
+  port: number
+  metricsPort: number | undefined
+  child: ChildProcess
+  uri(volume: string): string
+  stderr(): string
+  /** SIGTERM and wait for exit; returns the exit code (null if killed by a signal). */
+  stop(): Promise<number | null>
+  /** SIGKILL and wait. */
+  kill(): Promise<void>
+  exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>
+}
+
+export interface StartNodeOptions {
+  name?: string
+  dataDir?: string
+  volumes?: { name: string; size: string }[]
+  extraArgs?: string[]
+  metrics?: boolean
+}
+
+/** Creates volumes offline, starts `duplex node` on a free port, and waits for its ready line. */
+export async function startNode(options: StartNodeOptions = {}): Promise<NodeProcess> {
+  const name = options.name ?? 'node-a'
+  const dataDir = options.dataDir ?? (await tempDir())
+  for (const volume of options.volumes ?? []) {
+    const created = await duplex(['volume', 'create', volume.name, '--size', volume.size, '--data-dir', dataDir])
+    if (created.code !== 0 && !created.stderr.includes('exists')) {
+      throw new Error(`volume create failed: ${created.stderr}`)
+    }
+  }
+  const args = [cliPath, 'node', '--name', name, '--data-dir', dataDir, '--listen', '127.0.0.1:0']
+  if (options.metrics === true) args.push('--metrics-listen', '127.0.0.1:0')
+  args.push(...(options.extraArgs ?? []))
+  const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'] })
+  let stderr = ''
+  child.stderr?.setEncoding('utf8')
+  child.stderr?.on('data', (text: string) => {
+    stderr += text
+  })
+  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => {
+    child.once('exit', (code, signal) => {
+      resolve({ code, signal })
+    })
+  })
+  const lines = readline.createInterface({ input: child.stdout ?? process.stdin })
+  const ready = await Promise.race([
+    new Promise<string>((resolve) => lines.once('line', resolve)),
+    exited.then(({ code }) => {
+      throw new Error(`duplex node exited with ${code ?? 'signal'} before ready:\n${stderr}`)
+    }),
+    new Promise<never>((_, reject) =>
+      setTimeout(() => {
+        reject(new Error(`duplex node not ready after 30 s:\n${stderr}`))
+      }, 30_000).unref(),
+    ),
+  ])
+  const port = Number(/nbd:\/\/[^\s]*:(\d+)/.exec(ready)?.[1])
+  const metricsMatch = /metrics http:\/\/[^\s]*:(\d+)/.exec(ready)
+  const metricsPort = metricsMatch ? Number(metricsMatch[1]) : undefined
+  return {
+    name,
+    dataDir,
+    port,
+    metricsPort,
+    child,
+    uri: (volume) => `nbd://127.0.0.1:${port}/${volume}`,
+    stderr: () => stderr,
+    exited,
+    async stop() {
+      if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM')
+      return (await exited).code
+    },
+    async kill() {
+      if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL')
+      await exited
+    },
+  }
+}
