@@ -76,9 +76,7 @@ async function startProcess(name: string, argv: string[]): Promise<Started> {
   const child = spawn(process.execPath, [cliPath(), ...argv], {
     stdio: ['ignore', 'pipe', 'inherit'],
   })
-  const stdout = child.stdout
-  if (stdout === null) throw new DuplexError('IO_ERROR', `${name}: no stdout`)
-  const lines = readline.createInterface({ input: stdout })
+  const lines = readline.createInterface({ input: child.stdout })
   const readyLine = await new Promise<string>((resolve, reject) => {
     const timer = setTimeout(() => {
       child.kill('SIGTERM')
@@ -90,7 +88,12 @@ async function startProcess(name: string, argv: string[]): Promise<Started> {
     })
     child.once('exit', (code) => {
       clearTimeout(timer)
-      reject(new DuplexError('IO_ERROR', `${name} exited with code ${code ?? 'null'} before it was ready`))
+      reject(
+        new DuplexError(
+          'IO_ERROR',
+          `${name} exited with code ${code ?? 'null'} before it was ready`,
+        ),
+      )
     })
   })
   lines.on('line', (line) => process.stdout.write(`${name}: ${line}\n`))
@@ -112,7 +115,9 @@ function supervise(processes: Started[]): Promise<number> {
       p.child.on('exit', (code, signal) => {
         running -= 1
         if (!stopping) {
-          process.stderr.write(`duplex demo: ${p.name} exited (${code ?? signal ?? '?'}); stopping\n`)
+          process.stderr.write(
+            `duplex demo: ${p.name} exited (${code ?? signal ?? '?'}); stopping\n`,
+          )
           exitCode = 1
           stopAll()
         } else if (code !== 0) {

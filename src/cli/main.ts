@@ -27,10 +27,22 @@ async function main(argv: string[]): Promise<number> {
       'run a storage node daemon in the foreground',
       (y) =>
         y
-          .option('data-dir', { type: 'string', demandOption: true, describe: 'node state directory' })
-          .option('listen', { type: 'string', default: '127.0.0.1:10809', describe: 'NBD HOST:PORT' })
+          .option('data-dir', {
+            type: 'string',
+            demandOption: true,
+            describe: 'node state directory',
+          })
+          .option('listen', {
+            type: 'string',
+            default: '127.0.0.1:10809',
+            describe: 'NBD HOST:PORT',
+          })
           .option('metrics-listen', { type: 'string', describe: 'HOST:PORT for /metrics' })
-          .option('name', { type: 'string', default: 'node', describe: 'node name in logs and metrics' })
+          .option('name', {
+            type: 'string',
+            default: 'node',
+            describe: 'node name in logs and metrics',
+          })
           .option('block-size-min', {
             type: 'number',
             default: 1,
@@ -50,7 +62,11 @@ async function main(argv: string[]): Promise<number> {
     )
     .command('volume', 'create, delete and list volumes on a node', (y) =>
       y
-        .option('data-dir', { type: 'string', demandOption: true, describe: 'the node state directory' })
+        .option('data-dir', {
+          type: 'string',
+          demandOption: true,
+          describe: 'the node state directory',
+        })
         .command(
           'create <name>',
           'create a volume',
@@ -76,7 +92,8 @@ async function main(argv: string[]): Promise<number> {
         .command(
           'list',
           'list volumes',
-          (c) => c.option('output', { choices: ['table', 'json'] as const, default: 'table' as const }),
+          (c) =>
+            c.option('output', { choices: ['table', 'json'] as const, default: 'table' as const }),
           (a) => {
             run(() => listVolumes(a['data-dir'], a.output).then(() => undefined))
           },
@@ -97,8 +114,9 @@ async function main(argv: string[]): Promise<number> {
     .demandCommand(1, 'name a command (try --help)')
     .strict()
     .completion('completion', 'print a shell completion script')
-    .fail((message, error) => {
-      if (error) throw error
+    .fail((message: string | undefined, error: Error | undefined) => {
+      // yargs passes the handler's own error here too; only usage mistakes are ours to report.
+      if (error !== undefined) throw error
       process.stderr.write(`duplex: ${message}\nRun 'duplex --help' for usage.\n`)
       process.exit(ExitCode.USAGE)
     })

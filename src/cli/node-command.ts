@@ -23,7 +23,9 @@ export async function runNodeCommand(args: NodeArgs): Promise<number> {
   const log = createLogger(args.name)
   const listen = parseEndpoint(args.listen, '--listen')
   const metricsListen =
-    args.metricsListen === undefined ? undefined : parseEndpoint(args.metricsListen, '--metrics-listen')
+    args.metricsListen === undefined
+      ? undefined
+      : parseEndpoint(args.metricsListen, '--metrics-listen')
   const node = await startNode({
     name: args.name,
     dataDir: args.dataDir,

@@ -10,7 +10,10 @@ import type { AdminRequest, VolumeSummary } from '../daemon/admin-socket.js'
 import { NodeStore } from '../replica/store.js'
 import { formatTable } from './output.js'
 
-async function perform(dataDir: string, request: AdminRequest): Promise<VolumeSummary[] | undefined> {
+async function perform(
+  dataDir: string,
+  request: AdminRequest,
+): Promise<VolumeSummary[] | undefined> {
   const response = await callAdminSocket(dataDir, request)
   if (response !== undefined) {
     if (!response.ok) throw new DuplexError(response.code, response.message)
@@ -26,7 +29,9 @@ async function perform(dataDir: string, request: AdminRequest): Promise<VolumeSu
         await store.delete(request.name)
         return undefined
       case 'list':
-        return store.list().map((v) => ({ name: v.name, sizeBytes: v.sizeBytes, attachedClients: 0 }))
+        return store
+          .list()
+          .map((v) => ({ name: v.name, sizeBytes: v.sizeBytes, attachedClients: 0 }))
     }
   } finally {
     await store.close()

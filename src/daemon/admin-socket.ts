@@ -26,8 +26,7 @@ export interface VolumeSummary {
 }
 
 export type AdminResponse =
-  | { ok: true; volumes?: VolumeSummary[] }
-  | { ok: false; code: ErrorCode; message: string }
+  { ok: true; volumes?: VolumeSummary[] } | { ok: false; code: ErrorCode; message: string }
 
 export interface AdminHandler {
   handle(request: AdminRequest): Promise<VolumeSummary[] | undefined>
@@ -154,7 +153,8 @@ export async function callAdminSocket(
     })
     socket.on('error', (error: NodeJS.ErrnoException) => {
       if (error.code === 'ENOENT' || error.code === 'ECONNREFUSED') resolve(undefined)
-      else reject(new DuplexError('IO_ERROR', `cannot reach node at ${socketPath}: ${error.message}`))
+      else
+        reject(new DuplexError('IO_ERROR', `cannot reach node at ${socketPath}: ${error.message}`))
     })
   })
 }

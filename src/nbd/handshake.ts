@@ -51,9 +51,7 @@ export interface TransmissionStart {
 }
 
 export type Next =
-  | { kind: 'continue' }
-  | { kind: 'close' }
-  | { kind: 'transmission'; start: TransmissionStart }
+  { kind: 'continue' } | { kind: 'close' } | { kind: 'transmission'; start: TransmissionStart }
 
 export interface Step {
   replies: Buffer[]
@@ -149,7 +147,8 @@ export class Handshake {
       exportName: info.name,
       flags,
       structuredReplies: this.structuredReplies,
-      baseAllocation: context !== undefined && context.exportName === info.name && context.baseAllocation,
+      baseAllocation:
+        context !== undefined && context.exportName === info.name && context.baseAllocation,
     }
   }
 
@@ -196,7 +195,11 @@ export class Handshake {
   private structuredReply(data: Buffer): Step {
     if (data.length !== 0) {
       return this.reply(
-        encodeOptionError(Opt.STRUCTURED_REPLY, Rep.ERR_INVALID, 'NBD_OPT_STRUCTURED_REPLY takes no data'),
+        encodeOptionError(
+          Opt.STRUCTURED_REPLY,
+          Rep.ERR_INVALID,
+          'NBD_OPT_STRUCTURED_REPLY takes no data',
+        ),
       )
     }
     this.structuredReplies = true

@@ -360,19 +360,22 @@ export interface TransmissionContext {
 }
 
 export type Validated =
-  | { ok: true; command: Command }
-  | { ok: false; errno: Errno; message: string }
+  { ok: true; command: Command } | { ok: false; errno: Errno; message: string }
 
-/** The flags each command may carry (before negotiation narrows them further). */
+/**
+ * The flags each command may carry (before negotiation narrows them further). FUA is valid on
+ * every command: we advertise SEND_FUA, and the spec says the server MUST then accept it on all
+ * commands (even by ignoring it), as existing clients set it on reads and flushes.
+ */
 const allowedFlags: Record<number, number> = {
-  [Cmd.READ]: CmdFlag.DF,
+  [Cmd.READ]: CmdFlag.FUA | CmdFlag.DF,
   [Cmd.WRITE]: CmdFlag.FUA,
-  [Cmd.DISC]: 0,
-  [Cmd.FLUSH]: 0,
+  [Cmd.DISC]: CmdFlag.FUA,
+  [Cmd.FLUSH]: CmdFlag.FUA,
   [Cmd.TRIM]: CmdFlag.FUA,
-  [Cmd.CACHE]: 0,
+  [Cmd.CACHE]: CmdFlag.FUA,
   [Cmd.WRITE_ZEROES]: CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO,
-  [Cmd.BLOCK_STATUS]: CmdFlag.REQ_ONE,
+  [Cmd.BLOCK_STATUS]: CmdFlag.FUA | CmdFlag.REQ_ONE,
 }
 
 function invalid(message: string): Validated {
@@ -418,7 +421,10 @@ export function validateRequest(header: RequestHeader, ctx: TransmissionContext)
     header.type === Cmd.WRITE || header.type === Cmd.TRIM || header.type === Cmd.WRITE_ZEROES
   if (isWrite && ctx.readOnly) return { ok: false, errno: Errno.EPERM, message: 'read-only export' }
   if (header.length === 0) return invalid('zero-length request')
-  if ((header.type === Cmd.READ || header.type === Cmd.WRITE) && header.length > PAYLOAD_BYTES_MAX) {
+  if (
+    (header.type === Cmd.READ || header.type === Cmd.WRITE) &&
+    header.length > PAYLOAD_BYTES_MAX
+  ) {
     return invalid(`payload of ${header.length} bytes exceeds the maximum of ${PAYLOAD_BYTES_MAX}`)
   }
 

@@ -338,7 +338,9 @@ class Connection {
     }
     this.optionsSeen += 1
     if (this.optionsSeen > this.deps.limits.optionsMax) {
-      this.deps.log.warn('too many options; disconnecting', { optionsMax: this.deps.limits.optionsMax })
+      this.deps.log.warn('too many options; disconnecting', {
+        optionsMax: this.deps.limits.optionsMax,
+      })
       this.destroy()
       return false
     }
@@ -489,7 +491,11 @@ class Connection {
       })
   }
 
-  private async execute(cookie: bigint, command: Command, payload: Buffer | undefined): Promise<void> {
+  private async execute(
+    cookie: bigint,
+    command: Command,
+    payload: Buffer | undefined,
+  ): Promise<void> {
     const attachment = this.attachment
     if (attachment === undefined) return
     const device = attachment.device

@@ -151,7 +151,9 @@ export class AllocationMap {
       if (((byteAt(bytes, local >> 3) >> (local & 7)) & 1) === 0) continue
       const chunk = index * this.segmentChunks + local
       if (chunk >= this.chunkCount) {
-        throw corrupt(`segment ${index} marks chunk ${chunk}, beyond the volume's ${this.chunkCount}`)
+        throw corrupt(
+          `segment ${index} marks chunk ${chunk}, beyond the volume's ${this.chunkCount}`,
+        )
       }
       chunks.push(chunk)
     }
@@ -172,7 +174,7 @@ export class AllocationMap {
       const local = chunk % this.segmentChunks
       const mask = 1 << (local & 7)
       const byte = byteAt(segment.bits, local >> 3)
-      if ((byte & mask) !== 0 === value) continue
+      if (((byte & mask) !== 0) === value) continue
       segment.bits[local >> 3] = value ? byte | mask : byte & ~mask
       const delta = value ? 1 : -1
       segment.allocatedChunks += delta
@@ -205,7 +207,7 @@ export class AllocationMap {
           }
         }
         const bit = (byteAt(segment.bits, local >> 3) >> (local & 7)) & 1
-        if (bit === 1 !== allocated) return chunk
+        if ((bit === 1) !== allocated) return chunk
         chunk += 1
       }
     }

@@ -118,7 +118,9 @@ export class MemoryMetaStore implements MetaStore {
   async batch(ops: readonly MetaOp[], options: MetaBatchOptions): Promise<void> {
     assert(!this.closed, 'metadata store is closed')
     for (const op of ops) assertKey(op.key)
-    const copy = ops.map((op): MetaOp => (op.type === 'put' ? { ...op, value: Buffer.from(op.value) } : op))
+    const copy = ops.map((op): MetaOp =>
+      op.type === 'put' ? { ...op, value: Buffer.from(op.value) } : op,
+    )
     if (this.gate) await this.gate()
     for (const op of copy) {
       if (op.type === 'put') this.entries.set(op.key, op.value)
@@ -132,7 +134,8 @@ export class MemoryMetaStore implements MetaStore {
     const keys = [...this.entries.keys()].filter((key) => key.startsWith(prefix)).sort()
     for (const key of keys) {
       const value = this.entries.get(key)
-      if (value !== undefined) yield await Promise.resolve([key, Buffer.from(value)] as [string, Buffer])
+      if (value !== undefined)
+        yield await Promise.resolve([key, Buffer.from(value)] as [string, Buffer])
     }
   }
 

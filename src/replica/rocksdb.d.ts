@@ -5,8 +5,7 @@ declare module '@nxtedition/rocksdb' {
     valueEncoding: 'buffer'
   }
   export type RocksBatchOp =
-    | { type: 'put'; key: string; value: Buffer }
-    | { type: 'del'; key: string }
+    { type: 'put'; key: string; value: Buffer } | { type: 'del'; key: string }
   export class RocksLevel {
     constructor(location: string, options: RocksLevelOptions)
     open(): Promise<void>

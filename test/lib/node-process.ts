@@ -73,7 +73,8 @@ export async function missingTools(tools: string[]): Promise<string | undefined>
   for (const tool of tools) if (!(await hasTool(tool))) missing.push(tool)
   if (missing.length === 0) return undefined
   const reason = `missing tools: ${missing.join(', ')} (install qemu-utils libnbd-bin fio)`
-  if (process.env.DUPLEX_REQUIRE_TOOLS === '1') throw new Error(`DUPLEX_REQUIRE_TOOLS=1 and ${reason}`)
+  if (process.env.DUPLEX_REQUIRE_TOOLS === '1')
+    throw new Error(`DUPLEX_REQUIRE_TOOLS=1 and ${reason}`)
   return reason
 }
 
@@ -105,7 +106,15 @@ export async function startNode(options: StartNodeOptions = {}): Promise<NodePro
   const name = options.name ?? 'node-a'
   const dataDir = options.dataDir ?? (await tempDir())
   for (const volume of options.volumes ?? []) {
-    const created = await duplex(['volume', 'create', volume.name, '--size', volume.size, '--data-dir', dataDir])
+    const created = await duplex([
+      'volume',
+      'create',
+      volume.name,
+      '--size',
+      volume.size,
+      '--data-dir',
+      dataDir,
+    ])
     if (created.code !== 0 && !created.stderr.includes('exists')) {
       throw new Error(`volume create failed: ${created.stderr}`)
     }
@@ -115,8 +124,8 @@ export async function startNode(options: StartNodeOptions = {}): Promise<NodePro
   args.push(...(options.extraArgs ?? []))
   const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'] })
   let stderr = ''
-  child.stderr?.setEncoding('utf8')
-  child.stderr?.on('data', (text: string) => {
+  child.stderr.setEncoding('utf8')
+  child.stderr.on('data', (text: string) => {
     stderr += text
   })
   const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => {
@@ -124,7 +133,7 @@ export async function startNode(options: StartNodeOptions = {}): Promise<NodePro
       resolve({ code, signal })
     })
   })
-  const lines = readline.createInterface({ input: child.stdout ?? process.stdin })
+  const lines = readline.createInterface({ input: child.stdout })
   const ready = await Promise.race([
     new Promise<string>((resolve) => lines.once('line', resolve)),
     exited.then(({ code }) => {
