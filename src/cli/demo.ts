@@ -73,9 +73,14 @@ function cliPath(): string {
 }
 
 async function startProcess(name: string, argv: string[]): Promise<Started> {
+  // Each child gets its own process group, so a Ctrl-C in the terminal reaches only the demo,
+  // which then stops the children one clean SIGTERM each. The IPC channel is the children's
+  // lifeline: if the demo dies, they see it close and stop themselves (exit-with-parent).
   const child = spawn(process.execPath, [cliPath(), ...argv], {
-    stdio: ['ignore', 'pipe', 'inherit'],
+    stdio: ['ignore', 'pipe', 'inherit', 'ipc'],
+    detached: true,
   })
+  if (child.stdout === null) throw new DuplexError('IO_ERROR', `${name}: no stdout pipe`)
   const lines = readline.createInterface({ input: child.stdout })
   const readyLine = await new Promise<string>((resolve, reject) => {
     const timer = setTimeout(() => {

@@ -47,25 +47,38 @@ export async function runNodeCommand(args: NodeArgs): Promise<number> {
   log.info('serving', { nbd, dataDir: args.dataDir })
 
   return new Promise((resolve) => {
-    let signals = 0
-    const onSignal = (signal: NodeJS.Signals): void => {
-      signals += 1
-      if (signals > 1) {
-        log.warn('second signal: exiting without waiting', { signal })
-        process.exit(1)
-      }
-      log.info('signal received', { signal })
+    let stopping = false
+    const finish = (code: number): void => {
+      // An IPC channel from a supervisor keeps the event loop alive: let go of it.
+      if (process.connected) process.disconnect()
+      resolve(code)
+    }
+    const stop = (why: string): void => {
+      stopping = true
+      log.info('stopping', { why })
       node.stop().then(
         () => {
-          resolve(0)
+          finish(0)
         },
         (error: unknown) => {
           log.error('unclean stop', { error: String(error) })
-          resolve(1)
+          finish(1)
         },
       )
     }
+    const onSignal = (signal: NodeJS.Signals): void => {
+      if (!stopping) {
+        stop(signal)
+        return
+      }
+      log.warn('second signal: exiting without waiting for in-flight requests', { signal })
+      process.exit(1)
+    }
     process.on('SIGTERM', onSignal)
     process.on('SIGINT', onSignal)
+    // Started by a supervisor with an IPC channel (duplex demo): stop when it goes away.
+    process.on('disconnect', () => {
+      if (!stopping) stop('supervisor gone')
+    })
   })
 }

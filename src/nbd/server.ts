@@ -72,6 +72,8 @@ export const DEFAULT_BLOCK_SIZES: BlockSizes = {
 }
 
 const BLOCK_STATUS_EXTENTS_MAX = 8192
+/** How long a connection we ended may stay half-open before we cut it. */
+const END_LINGER_MS = 2_000
 
 interface Limits {
   handshakeTimeoutMs: number
@@ -205,6 +207,9 @@ class Connection {
     this.handshake = new Handshake(deps.registry, deps.blockSizes)
     socket.setKeepAlive(true, 30_000)
     socket.on('data', (chunk: Buffer) => {
+      // Nothing more will be parsed once closing: buffering it would let a client that ignores
+      // our FIN grow the queue without bound.
+      if (this.phase.kind === 'closing') return
       this.queue.push(chunk)
       this.pump()
     })
@@ -243,6 +248,15 @@ class Connection {
 
   destroy(): void {
     this.socket.destroy()
+  }
+
+  /** FIN after the queued replies; a peer that keeps its half open is cut after END_LINGER_MS. */
+  private endSoon(): void {
+    this.phase = { kind: 'closing' }
+    this.socket.end()
+    setTimeout(() => {
+      this.socket.destroy()
+    }, END_LINGER_MS).unref()
   }
 
   private whenIdle(): Promise<void> {
@@ -377,8 +391,7 @@ class Connection {
         this.phase = { kind: 'optionHeader' }
         return true
       case 'close':
-        this.phase = { kind: 'closing' }
-        this.socket.end()
+        this.endSoon()
         return false
       case 'transmission':
         return this.enterTransmission(next.start)
@@ -430,8 +443,7 @@ class Connection {
         this.deps.log.warn('write payload too large to drain; disconnecting', {
           length: header.length,
         })
-        this.phase = { kind: 'closing' }
-        this.socket.end()
+        this.endSoon()
         return false
       }
       this.phase = {
@@ -450,7 +462,9 @@ class Connection {
     }
     if (command.kind === 'disconnect') {
       this.phase = { kind: 'closing' }
-      void this.whenIdle().then(() => this.socket.end())
+      void this.whenIdle().then(() => {
+        this.endSoon()
+      })
       return false
     }
     this.dispatch(header.cookie, command, undefined)

@@ -19,6 +19,7 @@ t.test('fio verify at iodepth 32', { skip: skip ?? false }, async (t) => {
     '--verify=crc32c',
     '--do_verify=1',
     '--verify_fatal=1',
+    '--verify_state_save=0',
     '--output-format=json',
   ]
   for (const job of [

@@ -167,3 +167,27 @@ export async function startNode(options: StartNodeOptions = {}): Promise<NodePro
     },
   }
 }
+
+/** A port with `count` consecutive free ports starting at it (best effort: another process may race us). */
+export async function freePorts(count: number): Promise<number> {
+  const net = await import('node:net')
+  const canBind = (port: number): Promise<boolean> =>
+    new Promise((resolve) => {
+      const server = net.createServer()
+      server.once('error', () => {
+        resolve(false)
+      })
+      server.listen({ host: '127.0.0.1', port }, () => {
+        server.close(() => {
+          resolve(true)
+        })
+      })
+    })
+  for (let attempt = 0; attempt < 50; attempt++) {
+    const base = 20000 + Math.floor(Math.random() * 30000)
+    let ok = true
+    for (let i = 0; i < count && ok; i++) ok = await canBind(base + i)
+    if (ok) return base
+  }
+  throw new Error('no free ports found')
+}
