@@ -207,6 +207,8 @@ export class Handshake {
   }
 
   private metaContextOption(option: number, data: Buffer): Step {
+    // SET replaces the previous selection even when it fails (doc/proto.md, SET_META_CONTEXT).
+    if (option === Opt.SET_META_CONTEXT) this.metaContext = undefined
     if (!this.structuredReplies) {
       return this.reply(
         encodeOptionError(option, Rep.ERR_INVALID, 'meta contexts need structured replies first'),

@@ -250,13 +250,17 @@ class Connection {
     this.socket.destroy()
   }
 
-  /** FIN after the queued replies; a peer that keeps its half open is cut after END_LINGER_MS. */
+  /**
+   * FIN once the queued replies are flushed; a peer that then keeps its half open is cut after
+   * END_LINGER_MS (counted from the flush, so a slow reader still gets every reply).
+   */
   private endSoon(): void {
     this.phase = { kind: 'closing' }
-    this.socket.end()
-    setTimeout(() => {
-      this.socket.destroy()
-    }, END_LINGER_MS).unref()
+    this.socket.end(() => {
+      setTimeout(() => {
+        this.socket.destroy()
+      }, END_LINGER_MS).unref()
+    })
   }
 
   private whenIdle(): Promise<void> {
