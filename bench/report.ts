@@ -50,6 +50,8 @@ export interface PeerReport {
   readonly startError: string | null
   /** Peak RSS per process, read from VmHWM just before stopping. */
   readonly peakRss: readonly { process: string; pid: number; bytes: number | null }[]
+  /** How each process ended after SIGTERM (SIGKILL follows after 5 s): 0 means a clean stop. */
+  readonly exits: readonly { process: string; code: number | null; signal: string | null }[]
   readonly fill: FillResult | null
 }
 
@@ -130,15 +132,20 @@ function ratioTable(r: Report): string[] {
 }
 
 function peersTable(r: Report): string[] {
-  const lines = ['| peer | process | pid | peak RSS MiB | fill MB/s |', '|---|---|--:|--:|--:|']
+  const lines = [
+    '| peer | process | pid | peak RSS MiB | exit after SIGTERM | fill MB/s |',
+    '|---|---|--:|--:|---|--:|',
+  ]
   for (const p of r.peers) {
     if (p.startError !== null) {
-      lines.push(`| ${p.name} | failed to start | | | |`)
+      lines.push(`| ${p.name} | failed to start | | | | |`)
       continue
     }
-    for (const rss of p.peakRss) {
+    for (const [i, rss] of p.peakRss.entries()) {
+      const e = p.exits[i]
+      const exit = e === undefined ? '–' : (e.signal ?? `code ${e.code ?? '?'}`)
       lines.push(
-        `| ${p.name} | ${rss.process} | ${rss.pid} | ${mib(rss.bytes)} | ${fmt(p.fill?.mbPerSec, 1)} |`,
+        `| ${p.name} | ${rss.process} | ${rss.pid} | ${mib(rss.bytes)} | ${exit} | ${fmt(p.fill?.mbPerSec, 1)} |`,
       )
     }
   }

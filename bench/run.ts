@@ -201,11 +201,18 @@ async function stopPeers(live: readonly Live[]): Promise<PeerReport[]> {
       log(`stopping ${l.peer.name}`)
       await r.stop()
     }
+    const exits =
+      r?.processes.map((p) => ({
+        process: p.name,
+        code: p.child.exitCode,
+        signal: p.child.signalCode,
+      })) ?? []
     reports.push({
       name: l.peer.name,
       uri: r?.uri ?? null,
       startError: l.startError,
       peakRss,
+      exits,
       fill: l.fill,
     })
   }
