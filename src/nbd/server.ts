@@ -196,6 +196,7 @@ class Connection {
   private inflightRequests = 0
   private inflightBytes = 0
   private paused = false
+  private corked = false
   private closed = false
   private readonly idleWaiters: (() => void)[] = []
   private readonly closeWaiters: (() => void)[] = []
@@ -553,11 +554,22 @@ class Connection {
     this.send(encodeSimpleReply(cookie, 0))
   }
 
+  /**
+   * Queues a reply. Replies completed in the same event-loop turn leave in one writev: the
+   * socket is corked at the first and uncorked once the turn's I/O callbacks have run. At depth
+   * 32 that saves most of the per-reply syscalls, and adds no wait at depth 1.
+   */
   private send(...buffers: Buffer[]): void {
     if (this.socket.destroyed) return
-    if (buffers.length > 1) this.socket.cork()
+    if (!this.corked) {
+      this.corked = true
+      this.socket.cork()
+      setImmediate(() => {
+        this.corked = false
+        this.socket.uncork()
+      })
+    }
     for (const buffer of buffers) this.socket.write(buffer)
-    if (buffers.length > 1) this.socket.uncork()
   }
 
   private replyData(cookie: bigint, offset: number, data: Buffer): void {

@@ -1,7 +1,7 @@
 /**
  * Which chunks of a volume may hold data (pure: no I/O, no `node:` imports).
  *
- * State: one bit per chunk (`chunkBytes`, 64 KiB by default); 1 = allocated (may hold non-zero
+ * State: one bit per chunk (`chunkBytes`, 1 MiB by default); 1 = allocated (may hold non-zero
  * data), 0 = unallocated (reads as zeros). Bits are grouped in segments of `segmentChunks` chunks
  * (4096 by default: 512 bytes of bitmap per 256 MiB of volume). Only segments with at least one
  * bit set are kept, so memory follows written data, not volume size; each segment is one
@@ -19,7 +19,11 @@ import type { AllocationExtent } from '../nbd/exports.js'
 import { assert, assertSafeUint } from '../core/assert.js'
 import { DuplexError } from '../core/errors.js'
 
-export const allocationChunkBytesDefault = 64 * 1024
+/**
+ * 1 MiB: coarse enough that a fresh volume under random writes needs few synced marks (each
+ * first write into a chunk waits for one), fine enough for sparse copies to skip holes.
+ */
+export const allocationChunkBytesDefault = 1024 * 1024
 export const allocationSegmentChunksDefault = 4096
 
 export interface AllocationMapOptions {

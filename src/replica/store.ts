@@ -26,7 +26,7 @@ import fsx from 'fs-native-extensions'
 import { assert } from '../core/assert.js'
 import { DuplexError, errorMessage } from '../core/errors.js'
 import type { Attachment, ExportInfo, ExportRegistry } from '../nbd/exports.js'
-import { AllocationMap } from './allocation-map.js'
+import { AllocationMap, allocationChunkBytesDefault } from './allocation-map.js'
 import type { MetaOp, MetaStore } from './meta-store.js'
 import { RocksMetaStore } from './meta-store.js'
 import { allocationKeyPrefix, parseAllocationSegment, Volume } from './volume.js'
@@ -189,6 +189,7 @@ export class NodeStore implements ExportRegistry {
         name,
         sizeBytes,
         createdAtMs: Date.now(),
+        allocationChunkBytes: this.chunkBytes ?? allocationChunkBytesDefault,
       }
       const path = this.dataPath(record.id)
       const handle = await open(path, constants.O_RDWR | constants.O_CREAT | constants.O_EXCL)
@@ -205,7 +206,7 @@ export class NodeStore implements ExportRegistry {
         await unlink(path).catch(() => undefined) // else an orphan, removed at the next open
         throw asStoreError(`cannot create volume ${name}`, error)
       }
-      const map = new AllocationMap(this.mapOptions(sizeBytes))
+      const map = new AllocationMap(mapOptions(record))
       this.entries.set(name, { volume: new Volume(record, handle, this.meta, map), attachments: 0 })
       return { ...record }
     })
@@ -306,7 +307,7 @@ export class NodeStore implements ExportRegistry {
             `the volume is ${record.sizeBytes}`,
         )
       }
-      const map = new AllocationMap(this.mapOptions(record.sizeBytes))
+      const map = new AllocationMap(mapOptions(record))
       for await (const [key, value] of this.meta.scan(allocationKeyPrefix(record.id))) {
         const segment = parseAllocationSegment(key, record.id)
         if (segment === undefined) {
@@ -344,12 +345,6 @@ export class NodeStore implements ExportRegistry {
     this.openReport.orphanAllocationKeysRemoved = ops.length
   }
 
-  private mapOptions(sizeBytes: number): { sizeBytes: number; chunkBytes?: number } {
-    return this.chunkBytes === undefined
-      ? { sizeBytes }
-      : { sizeBytes, chunkBytes: this.chunkBytes }
-  }
-
   private dataPath(id: string): string {
     assert(volumeIdPattern.test(id), `volume id ${id}`)
     return join(this.dataDir, 'volumes', `${id}.data`)
@@ -379,7 +374,10 @@ function parseRecord(key: string, value: Buffer): VolumeRecord {
     throw fail(errorMessage(error))
   }
   if (typeof parsed !== 'object' || parsed === null) throw fail('not an object')
-  const { id, name, sizeBytes, createdAtMs } = parsed as Record<string, unknown>
+  const { id, name, sizeBytes, createdAtMs, allocationChunkBytes } = parsed as Record<
+    string,
+    unknown
+  >
   if (typeof id !== 'string' || !volumeIdPattern.test(id)) throw fail('bad id')
   if (typeof name !== 'string' || volumeKey(name) !== key) throw fail('name differs from key')
   if (typeof sizeBytes !== 'number' || typeof createdAtMs !== 'number') throw fail('bad numbers')
@@ -389,7 +387,20 @@ function parseRecord(key: string, value: Buffer): VolumeRecord {
   } catch (error) {
     throw fail(errorMessage(error))
   }
-  return { id, name, sizeBytes, createdAtMs }
+  // Records written before the chunk size was recorded used the original 64 KiB.
+  const chunkBytes = allocationChunkBytes ?? legacyAllocationChunkBytes
+  if (typeof chunkBytes !== 'number' || !isChunkSize(chunkBytes)) throw fail('bad chunk size')
+  return { id, name, sizeBytes, createdAtMs, allocationChunkBytes: chunkBytes }
+}
+
+const legacyAllocationChunkBytes = 64 * 1024
+
+function isChunkSize(bytes: number): boolean {
+  return Number.isSafeInteger(bytes) && bytes >= 4096 && (bytes & (bytes - 1)) === 0
+}
+
+function mapOptions(record: VolumeRecord): { sizeBytes: number; chunkBytes: number } {
+  return { sizeBytes: record.sizeBytes, chunkBytes: record.allocationChunkBytes }
 }
 
 function asStoreError(what: string, error: unknown): DuplexError {

@@ -6,7 +6,7 @@ const KiB = 1024
 const chunk = 64 * KiB
 
 void t.test('marks only chunks not yet allocated, and reports them', (t) => {
-  const map = new AllocationMap({ sizeBytes: 16 * chunk })
+  const map = new AllocationMap({ sizeBytes: 16 * chunk, chunkBytes: chunk })
   t.same(map.chunksToMark(0, 4096), [0])
   t.same(map.chunksToMark(chunk - 1, 2), [0, 1], 'a write across a boundary touches both')
   t.same(map.markAllocated([1, 3]), [0], 'segment 0 changed')
@@ -20,7 +20,7 @@ void t.test('marks only chunks not yet allocated, and reports them', (t) => {
 })
 
 void t.test('trims free only fully covered chunks; the short last chunk counts at the end', (t) => {
-  const map = new AllocationMap({ sizeBytes: 3 * chunk + 8 * KiB })
+  const map = new AllocationMap({ sizeBytes: 3 * chunk + 8 * KiB, chunkBytes: chunk })
   t.equal(map.chunkCount, 4)
   t.same(map.chunksFullyCovered(1, 2 * chunk), [1], 'misaligned start skips chunk 0')
   t.same(map.chunksFullyCovered(0, chunk - 1), [])
@@ -30,7 +30,7 @@ void t.test('trims free only fully covered chunks; the short last chunk counts a
 })
 
 void t.test('extents: merged runs clipped to the range, holes read as zeros', (t) => {
-  const map = new AllocationMap({ sizeBytes: 10 * chunk })
+  const map = new AllocationMap({ sizeBytes: 10 * chunk, chunkBytes: chunk })
   map.markAllocated([2, 3, 6])
   t.same(map.extents(0, 10 * chunk, 100), [
     { lengthBytes: 2 * chunk, hole: true, zero: true },
