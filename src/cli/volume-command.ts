@@ -5,7 +5,7 @@
  */
 import { DuplexError } from '../core/errors.js'
 import { formatSize, parseSize } from '../core/units.js'
-import { callAdminSocket } from '../daemon/admin-socket.js'
+import { callAdminSocket, performAdminRequest } from '../daemon/admin-socket.js'
 import type { AdminRequest, VolumeSummary } from '../daemon/admin-socket.js'
 import { NodeStore } from '../replica/store.js'
 import { formatTable } from './output.js'
@@ -21,18 +21,7 @@ async function perform(
   }
   const store = await NodeStore.open(dataDir)
   try {
-    switch (request.op) {
-      case 'create':
-        await store.create(request.name, request.sizeBytes)
-        return undefined
-      case 'delete':
-        await store.delete(request.name)
-        return undefined
-      case 'list':
-        return store
-          .list()
-          .map((v) => ({ name: v.name, sizeBytes: v.sizeBytes, attachedClients: 0 }))
-    }
+    return await performAdminRequest(store, request)
   } finally {
     await store.close()
   }

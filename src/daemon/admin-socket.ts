@@ -13,6 +13,7 @@ import path from 'node:path'
 import { DuplexError, errorMessage, isDuplexError } from '../core/errors.js'
 import type { ErrorCode } from '../core/errors.js'
 import type { Logger } from '../core/log.js'
+import type { NodeStore } from '../replica/store.js'
 
 export type AdminRequest =
   | { op: 'create'; name: string; sizeBytes: number }
@@ -33,6 +34,27 @@ export interface AdminHandler {
 }
 
 const REQUEST_BYTES_MAX = 64 * 1024
+
+/** Carries out one admin request on a store: the node's socket and the CLI's offline path. */
+export async function performAdminRequest(
+  store: NodeStore,
+  request: AdminRequest,
+): Promise<VolumeSummary[] | undefined> {
+  switch (request.op) {
+    case 'create':
+      await store.create(request.name, request.sizeBytes)
+      return undefined
+    case 'delete':
+      await store.delete(request.name)
+      return undefined
+    case 'list':
+      return store.list().map((v) => ({
+        name: v.name,
+        sizeBytes: v.sizeBytes,
+        attachedClients: v.attachedClients,
+      }))
+  }
+}
 
 export function adminSocketPath(dataDir: string): string {
   return path.join(dataDir, 'admin.sock')

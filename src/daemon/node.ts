@@ -10,8 +10,7 @@ import type { Logger } from '../core/log.js'
 import { NbdServer } from '../nbd/server.js'
 import type { BlockSizes } from '../nbd/handshake.js'
 import { NodeStore } from '../replica/store.js'
-import { AdminSocketServer, adminSocketPath } from './admin-socket.js'
-import type { AdminRequest, VolumeSummary } from './admin-socket.js'
+import { AdminSocketServer, adminSocketPath, performAdminRequest } from './admin-socket.js'
 import { MetricsServer } from '../metrics/http.js'
 
 export interface NodeOptions {
@@ -39,7 +38,7 @@ export async function startNode(options: NodeOptions): Promise<RunningNode> {
   })
   const admin = new AdminSocketServer(
     {
-      handle: (request) => handleAdmin(store, request),
+      handle: (request) => performAdminRequest(store, request),
     },
     log.child('admin'),
   )
@@ -83,24 +82,4 @@ export async function startNode(options: NodeOptions): Promise<RunningNode> {
     return stopping
   }
   return { nbdAddress, metricsAddress, stop }
-}
-
-async function handleAdmin(
-  store: NodeStore,
-  request: AdminRequest,
-): Promise<VolumeSummary[] | undefined> {
-  switch (request.op) {
-    case 'create':
-      await store.create(request.name, request.sizeBytes)
-      return undefined
-    case 'delete':
-      await store.delete(request.name)
-      return undefined
-    case 'list':
-      return store.list().map((v) => ({
-        name: v.name,
-        sizeBytes: v.sizeBytes,
-        attachedClients: v.attachedClients,
-      }))
-  }
 }
