@@ -26,6 +26,7 @@ import fsx from 'fs-native-extensions'
 import { assert } from '../core/assert.js'
 import { DuplexError, errorMessage } from '../core/errors.js'
 import type { Attachment, ExportInfo, ExportRegistry } from '../nbd/exports.js'
+import { ActivityLog, activityLogPrefix } from './activity-log.js'
 import { AllocationMap, allocationChunkBytesDefault } from './allocation-map.js'
 import type { MetaOp, MetaStore } from './meta-store.js'
 import { RocksMetaStore } from './meta-store.js'
@@ -169,6 +170,12 @@ export class NodeStore implements ExportRegistry {
 
   // Volumes
 
+  /** The activity log of a volume (replication persists its hot extents there). */
+  activityLog(name: string): ActivityLog | undefined {
+    const volume = this.get(name)
+    return volume === undefined ? undefined : new ActivityLog(this.meta, volume.id)
+  }
+
   get(name: string): Volume | undefined {
     return this.entries.get(name)?.volume
   }
@@ -230,8 +237,9 @@ export class NodeStore implements ExportRegistry {
       const { id } = entry.volume.record
       await entry.volume.close()
       const ops: MetaOp[] = [{ type: 'del', key: volumeKey(name) }]
-      for await (const [key] of this.meta.scan(allocationKeyPrefix(id)))
-        ops.push({ type: 'del', key })
+      for (const prefix of [allocationKeyPrefix(id), activityLogPrefix(id)]) {
+        for await (const [key] of this.meta.scan(prefix)) ops.push({ type: 'del', key })
+      }
       await this.meta.batch(ops, { sync: true })
       await unlink(this.dataPath(id))
       await this.syncVolumesDir()
