@@ -111,7 +111,11 @@ async function waitFor(condition: () => boolean, timeoutMs = 10_000): Promise<vo
 function within<T>(promise: Promise<T>, ms: number): Promise<T | 'pending'> {
   return Promise.race([
     promise,
-    new Promise<'pending'>((resolve) => setTimeout(() => resolve('pending'), ms)),
+    new Promise<'pending'>((resolve) =>
+      setTimeout(() => {
+        resolve('pending')
+      }, ms),
+    ),
   ])
 }
 
