@@ -201,7 +201,13 @@ export class PrimaryReplication {
     assert(Number.isSafeInteger(this.seqWindowMax) && this.seqWindowMax >= 1, 'seqWindowMax')
     assertSafeUint(this.peerRetriesMax, 'peerRetriesMax')
     this.range = new RangeQueue(this.inflightOpsMax)
-    for (const extent of options.hotExtents ?? []) this.extentStates.set(extent, 'hot')
+    // Extents hot in the persisted log at start may differ between the replicas (we crashed or
+    // stopped with writes in them): they stay pinned hot until a resync clears them (issue 4).
+    // Cooling them would erase the only record of where the replicas may differ.
+    for (const extent of options.hotExtents ?? []) {
+      this.extentStates.set(extent, 'hot')
+      this.pinned.add(extent)
+    }
   }
 
   // ---- queries
