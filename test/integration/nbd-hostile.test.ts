@@ -291,7 +291,7 @@ async function runCases(t: Test, target: Target): Promise<void> {
       c.sendOption(Opt.INFO, Buffer.alloc(0), { length: 100 * MiB })
       const sent = await stream(c, 100 * MiB)
       if (!sent) {
-        t.pass('server dropped the connection')
+        t.ok(await c.waitClosed(), 'server dropped the connection')
         return
       }
       const replies = await c.readOptionReplies()
@@ -519,7 +519,7 @@ async function runCases(t: Test, target: Target): Promise<void> {
     await sleep(20)
     c.destroy()
     await c.closed
-    t.pass('hung up mid-header')
+    // What matters is asserted by hostile(): the server lives and the bystander still works.
   })
 
   await hostile(t, target, 'disconnect in the middle of a write payload', async (t) => {
@@ -528,7 +528,7 @@ async function runCases(t: Test, target: Target): Promise<void> {
     await sleep(20)
     c.destroy()
     await c.closed
-    t.pass('hung up mid-payload')
+    // What matters is asserted by hostile(): the server lives and the bystander still works.
   })
 
   await hostile(t, target, 'disconnect with requests in flight', async (t) => {
@@ -658,14 +658,7 @@ void t.test('in-process NbdServer over a memory device', async (t) => {
 })
 
 void t.test('a real duplex node process', async (t) => {
-  let target: Target
-  try {
-    target = await realNodeTarget(t)
-  } catch (error) {
-    if (process.env.DUPLEX_REQUIRE_TOOLS === '1') throw error
-    t.comment(`SKIP: duplex node did not start: ${String(error)}`)
-    t.pass('skipped: the real-node block needs a working `duplex node`')
-    return
-  }
+  // Our own daemon, not an optional external tool: if it cannot start, that is a failure.
+  const target = await realNodeTarget(t)
   await runCases(t, target)
 })
