@@ -28,6 +28,7 @@ export function exitCodeFor(code: ErrorCode): number {
     case 'VOLUME_BUSY':
     case 'STORE_LOCKED':
     case 'SHUTTING_DOWN':
+    case 'UNAVAILABLE':
       return ExitCode.BUSY
     case 'NO_SPACE':
     case 'READ_ONLY':
@@ -35,6 +36,8 @@ export function exitCodeFor(code: ErrorCode): number {
     case 'VOLUME_EXISTS':
     case 'STORE_CORRUPT':
     case 'IO_ERROR':
+    case 'FAILED_PRECONDITION':
+    case 'CHECKSUM_MISMATCH':
       return ExitCode.FAILED
     default:
       return unreachable(code)

@@ -643,6 +643,9 @@ export function errnoFor(code: ErrorCode): number {
     case 'STORE_LOCKED':
     case 'STORE_CORRUPT':
     case 'IO_ERROR':
+    case 'UNAVAILABLE':
+    case 'FAILED_PRECONDITION':
+    case 'CHECKSUM_MISMATCH':
       return Errno.EIO
     default:
       return unreachable(code)
