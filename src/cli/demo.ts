@@ -1,20 +1,22 @@
 /**
- * `duplex demo` (what `npm start` runs): a local cluster on 127.0.0.1 for trying duplex out.
- * Today one node, `node-a`, serving the 1 GiB volume `demo`; it grows into the three-domain
- * cluster as replication and the witness land.
+ * `duplex demo` (what `npm start` runs): a local cluster on 127.0.0.1 for trying duplex out. Two
+ * nodes, `node-a` in domain `site-a` and `node-b` in domain `site-b`, with the 1 GiB volume `demo`
+ * replicated between them (node-a primary at first). The witness joins in a later issue.
+ *
+ * Ports from --port P: node-a NBD P, metrics P+1, replication P+2; node-b P+3, P+4, P+5.
  *
  * Output contract, relied on by users and scripts (keep it stable): one line per process,
  * `NAME pid PID nbd://HOST:PORT/VOLUME metrics http://HOST:PORT/metrics`, then hints. State lives
- * in --dir and is reused on the next run. Ctrl-C or SIGTERM stops every process cleanly.
+ * in --dir (one directory per node and `cluster.json`) and is reused on the next run. Ctrl-C or
+ * SIGTERM stops every process cleanly.
  */
 import { spawn } from 'node:child_process'
 import type { ChildProcess } from 'node:child_process'
+import { mkdir, writeFile } from 'node:fs/promises'
 import path from 'node:path'
 import readline from 'node:readline'
 import { fileURLToPath } from 'node:url'
 import { DuplexError } from '../core/errors.js'
-import { GiB } from '../core/units.js'
-import { NodeStore } from '../replica/store.js'
 
 export interface DemoArgs {
   dir: string
@@ -30,42 +32,96 @@ interface Started {
   readyLine: string
 }
 
-export async function runDemo(args: DemoArgs): Promise<number> {
-  const nodeDir = path.resolve(args.dir, 'node-a')
-  await ensureVolume(nodeDir)
-  const started = await startProcess('node-a', [
-    'node',
-    '--name',
-    'node-a',
-    '--data-dir',
-    nodeDir,
-    '--listen',
-    `127.0.0.1:${args.port}`,
-    '--metrics-listen',
-    `127.0.0.1:${args.port + 1}`,
-  ])
-  const metrics = / metrics (\S+)/.exec(started.readyLine)?.[1]
-  const uri = `nbd://127.0.0.1:${args.port}/${DEMO_VOLUME}`
-  process.stdout.write(
-    `node-a pid ${started.child.pid ?? '?'} ${uri}${metrics === undefined ? '' : ` metrics ${metrics}`}\n`,
-  )
-  process.stdout.write(
-    `\nduplex demo is running (state in ${path.resolve(args.dir)}). Try:\n` +
-      `  qemu-img info ${uri}\n` +
-      `  qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' ${uri}\n` +
-      `  nbdinfo --map ${uri}\n` +
-      `Press Ctrl-C to stop.\n`,
-  )
-  return supervise([started])
+interface DemoNode {
+  name: string
+  domain: string
+  nbdPort: number
+  metricsPort: number
+  replicationPort: number
 }
 
-async function ensureVolume(nodeDir: string): Promise<void> {
-  const store = await NodeStore.open(nodeDir)
-  try {
-    if (store.get(DEMO_VOLUME) === undefined) await store.create(DEMO_VOLUME, GiB)
-  } finally {
-    await store.close()
+function demoNodes(port: number): DemoNode[] {
+  return [
+    {
+      name: 'node-a',
+      domain: 'site-a',
+      nbdPort: port,
+      metricsPort: port + 1,
+      replicationPort: port + 2,
+    },
+    {
+      name: 'node-b',
+      domain: 'site-b',
+      nbdPort: port + 3,
+      metricsPort: port + 4,
+      replicationPort: port + 5,
+    },
+  ]
+}
+
+export async function runDemo(args: DemoArgs): Promise<number> {
+  const dir = path.resolve(args.dir)
+  const nodes = demoNodes(args.port)
+  const clusterPath = path.join(dir, 'cluster.json')
+  await writeCluster(clusterPath, nodes)
+  // Both nodes start together: a new replica waits for its peer to learn whether it holds data.
+  const startedOrFailed = await Promise.allSettled(
+    nodes.map((node) =>
+      startProcess(node.name, [
+        'node',
+        '--name',
+        node.name,
+        '--data-dir',
+        path.join(dir, node.name),
+        '--listen',
+        `127.0.0.1:${node.nbdPort}`,
+        '--metrics-listen',
+        `127.0.0.1:${node.metricsPort}`,
+        '--cluster',
+        clusterPath,
+      ]),
+    ),
+  )
+  const started = startedOrFailed.flatMap((r) => (r.status === 'fulfilled' ? [r.value] : []))
+  const failed = startedOrFailed.find((r) => r.status === 'rejected')
+  if (failed !== undefined) {
+    for (const p of started) p.child.kill('SIGTERM')
+    throw failed.reason
   }
+  for (const [index, node] of nodes.entries()) {
+    const process_ = started[index]
+    if (process_ === undefined) continue
+    const metrics = / metrics (\S+)/.exec(process_.readyLine)?.[1]
+    process.stdout.write(
+      `${node.name} pid ${process_.child.pid ?? '?'} nbd://127.0.0.1:${node.nbdPort}/${DEMO_VOLUME}` +
+        `${metrics === undefined ? '' : ` metrics ${metrics}`}\n`,
+    )
+  }
+  const [a, b] = nodes.map((node) => `nbd://127.0.0.1:${node.nbdPort}/${DEMO_VOLUME}`)
+  const cluster = path.relative(process.cwd(), clusterPath) || clusterPath
+  process.stdout.write(
+    `\nduplex demo is running (state in ${dir}). Every write reaches both nodes. Try:\n` +
+      `  qemu-img info ${a}\n` +
+      `  qemu-io -f raw -c 'write -P 0xab 0 1M' ${a}\n` +
+      `  qemu-io -f raw -c 'read -P 0xab 0 1M' ${b}\n` +
+      `  duplex volume status --cluster ${cluster}\n` +
+      `  duplex volume promote demo --node node-b --cluster ${cluster}\n` +
+      `Press Ctrl-C to stop.\n`,
+  )
+  return supervise(started)
+}
+
+async function writeCluster(file: string, nodes: DemoNode[]): Promise<void> {
+  const config = {
+    nodes: nodes.map((node) => ({
+      name: node.name,
+      domain: node.domain,
+      replication: `127.0.0.1:${node.replicationPort}`,
+    })),
+    volumes: [{ name: DEMO_VOLUME, size: '1G', replicas: ['node-a', 'node-b'], primary: 'node-a' }],
+  }
+  await mkdir(path.dirname(file), { recursive: true })
+  await writeFile(file, JSON.stringify(config, null, 2) + '\n')
 }
 
 function cliPath(): string {

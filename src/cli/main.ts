@@ -12,7 +12,9 @@ import { hideBin } from 'yargs/helpers'
 import { runNodeCommand } from './node-command.js'
 import { createVolume, deleteVolume, listVolumes } from './volume-command.js'
 import { runDemo } from './demo.js'
+import { promoteVolume, replicationStatus } from './replication-command.js'
 import { ExitCode, reportError } from './output.js'
+import { DuplexError } from '../core/errors.js'
 
 async function main(argv: string[]): Promise<number> {
   let result: Promise<number> = Promise.resolve(ExitCode.OK)
@@ -47,6 +49,10 @@ async function main(argv: string[]): Promise<number> {
             type: 'number',
             default: 1,
             describe: 'minimum block size advertised to clients (1, 512 or 4096)',
+          })
+          .option('cluster', {
+            type: 'string',
+            describe: 'cluster file: replicate the volumes it places on this node (--name)',
           }),
       (a) => {
         run(() =>
@@ -56,17 +62,42 @@ async function main(argv: string[]): Promise<number> {
             listen: a.listen,
             metricsListen: a['metrics-listen'],
             blockSizeMin: a['block-size-min'],
+            cluster: a.cluster,
           }),
         )
       },
     )
-    .command('volume', 'create, delete and list volumes on a node', (y) =>
+    .command('volume', 'manage volumes: on a node, or replicated across the cluster', (y) =>
       y
         .option('data-dir', {
           type: 'string',
-          demandOption: true,
-          describe: 'the node state directory',
+          describe: 'the node state directory (create, delete, list)',
         })
+        .option('cluster', {
+          type: 'string',
+          default: process.env.DUPLEX_CLUSTER ?? '.duplex-demo/cluster.json',
+          describe: 'cluster file (promote, status); env DUPLEX_CLUSTER',
+        })
+        .command(
+          'promote <name>',
+          'move the primary role of a replicated volume to a node, without stopping I/O',
+          (c) =>
+            c
+              .positional('name', { type: 'string', demandOption: true })
+              .option('node', { type: 'string', demandOption: true, describe: 'the new primary' }),
+          (a) => {
+            run(() => promoteVolume(a.cluster, a.name, a.node).then(() => undefined))
+          },
+        )
+        .command(
+          'status',
+          'every replica of every volume in the cluster file: role, epoch, state',
+          (c) =>
+            c.option('output', { choices: ['table', 'json'] as const, default: 'table' as const }),
+          (a) => {
+            run(() => replicationStatus(a.cluster, a.output).then(() => undefined))
+          },
+        )
         .command(
           'create <name>',
           'create a volume',
@@ -75,7 +106,7 @@ async function main(argv: string[]): Promise<number> {
               .positional('name', { type: 'string', demandOption: true })
               .option('size', { type: 'string', demandOption: true, describe: 'e.g. 50G, 512M' }),
           (a) => {
-            run(() => createVolume(a['data-dir'], a.name, a.size).then(() => undefined))
+            run(() => createVolume(dataDir(a), a.name, a.size).then(() => undefined))
           },
         )
         .command(
@@ -86,7 +117,7 @@ async function main(argv: string[]): Promise<number> {
               .positional('name', { type: 'string', demandOption: true })
               .option('yes', { type: 'boolean', default: false, describe: 'confirm deletion' }),
           (a) => {
-            run(() => deleteVolume(a['data-dir'], a.name, a.yes).then(() => undefined))
+            run(() => deleteVolume(dataDir(a), a.name, a.yes).then(() => undefined))
           },
         )
         .command(
@@ -95,10 +126,10 @@ async function main(argv: string[]): Promise<number> {
           (c) =>
             c.option('output', { choices: ['table', 'json'] as const, default: 'table' as const }),
           (a) => {
-            run(() => listVolumes(a['data-dir'], a.output).then(() => undefined))
+            run(() => listVolumes(dataDir(a), a.output).then(() => undefined))
           },
         )
-        .demandCommand(1, 'name a volume command: create, delete or list'),
+        .demandCommand(1, 'name a volume command: create, delete, list, promote or status'),
     )
     .command(
       'demo',
@@ -123,6 +154,15 @@ async function main(argv: string[]): Promise<number> {
     .help()
     .parseAsync()
   return result
+}
+
+/** --data-dir, which the node-local volume commands need. */
+function dataDir(args: { 'data-dir'?: string | undefined }): string {
+  const dir = args['data-dir']
+  if (dir === undefined) {
+    throw new DuplexError('INVALID_ARGUMENT', 'this volume command needs --data-dir DIR')
+  }
+  return dir
 }
 
 main(hideBin(process.argv)).then(

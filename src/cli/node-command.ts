@@ -5,6 +5,8 @@
 import { createLogger } from '../core/log.js'
 import { DuplexError } from '../core/errors.js'
 import { startNode } from '../daemon/node.js'
+import { readClusterConfig } from '../daemon/cluster-config.js'
+import { faultsFromEnvironment } from '../daemon/faults.js'
 import { formatEndpoint, parseEndpoint } from './endpoints.js'
 import { PAYLOAD_BYTES_MAX } from '../nbd/protocol.js'
 
@@ -14,6 +16,7 @@ export interface NodeArgs {
   listen: string
   metricsListen?: string | undefined
   blockSizeMin: number
+  cluster?: string | undefined
 }
 
 export async function runNodeCommand(args: NodeArgs): Promise<number> {
@@ -26,8 +29,11 @@ export async function runNodeCommand(args: NodeArgs): Promise<number> {
     args.metricsListen === undefined
       ? undefined
       : parseEndpoint(args.metricsListen, '--metrics-listen')
+  const cluster = args.cluster === undefined ? undefined : await readClusterConfig(args.cluster)
   const node = await startNode({
     name: args.name,
+    ...(cluster === undefined ? {} : { cluster }),
+    replication: { link: faultsFromEnvironment(process.env, log) },
     dataDir: args.dataDir,
     listen,
     ...(metricsListen === undefined ? {} : { metricsListen }),
@@ -43,7 +49,11 @@ export async function runNodeCommand(args: NodeArgs): Promise<number> {
     node.metricsAddress === undefined
       ? ''
       : ` metrics http://${formatEndpoint(node.metricsAddress.address, node.metricsAddress.port)}/metrics`
-  process.stdout.write(`${args.name} listening ${nbd}${metrics}\n`)
+  const replication =
+    node.replicationAddress === undefined
+      ? ''
+      : ` replication ${formatEndpoint(node.replicationAddress.address, node.replicationAddress.port)}`
+  process.stdout.write(`${args.name} listening ${nbd}${metrics}${replication}\n`)
   log.info('serving', { nbd, dataDir: args.dataDir })
 
   return new Promise((resolve) => {

@@ -5,13 +5,16 @@
  * requests, flush every volume, close the store.
  */
 import type { AddressInfo } from 'node:net'
-import { Gauge, Registry, collectDefaultMetrics } from 'prom-client'
+import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client'
 import type { Logger } from '../core/log.js'
 import { NbdServer } from '../nbd/server.js'
 import type { BlockSizes } from '../nbd/handshake.js'
 import { NodeStore } from '../replica/store.js'
 import { AdminSocketServer, adminSocketPath, performAdminRequest } from './admin-socket.js'
 import { MetricsServer } from '../metrics/http.js'
+import type { ClusterConfig } from './cluster-config.js'
+import { Replication } from './replication.js'
+import type { ReplicationOptions } from './replication.js'
 
 export interface NodeOptions {
   name: string
@@ -19,20 +22,41 @@ export interface NodeOptions {
   listen: { host: string; port: number }
   metricsListen?: { host: string; port: number }
   blockSizes?: BlockSizes
+  /** Replicate the volumes this cluster file places on this node (see cluster-config.ts). */
+  cluster?: ClusterConfig
+  /** Tuning and test hooks for replication. */
+  replication?: Pick<ReplicationOptions, 'link' | 'roleWaitMs'>
   log: Logger
 }
 
 export interface RunningNode {
   nbdAddress: AddressInfo
   metricsAddress: AddressInfo | undefined
+  replicationAddress: AddressInfo | undefined
+  replication: Replication | undefined
   stop(): Promise<void>
 }
 
 export async function startNode(options: NodeOptions): Promise<RunningNode> {
   const { log } = options
   const store = await NodeStore.open(options.dataDir)
+  let replication: Replication | undefined
+  try {
+    if (options.cluster !== undefined) {
+      replication = await Replication.start({
+        nodeName: options.name,
+        config: options.cluster,
+        store,
+        log: log.child('replication'),
+        ...options.replication,
+      })
+    }
+  } catch (error) {
+    await store.close()
+    throw error
+  }
   const nbd = new NbdServer({
-    registry: store,
+    registry: replication ?? store,
     log: log.child('nbd'),
     ...(options.blockSizes === undefined ? {} : { blockSizes: options.blockSizes }),
   })
@@ -53,6 +77,7 @@ export async function startNode(options: NodeOptions): Promise<RunningNode> {
       this.set(nbd.connectionCount)
     },
   })
+  if (replication !== undefined) registerReplicationMetrics(registry, replication)
   const metrics = new MetricsServer(registry, log.child('metrics'))
 
   let nbdAddress: AddressInfo
@@ -65,6 +90,7 @@ export async function startNode(options: NodeOptions): Promise<RunningNode> {
     }
   } catch (error) {
     await nbd.close()
+    await replication?.close()
     await store.close()
     throw error
   }
@@ -74,6 +100,7 @@ export async function startNode(options: NodeOptions): Promise<RunningNode> {
     stopping ??= (async () => {
       log.info('stopping: finishing in-flight requests')
       await nbd.close()
+      await replication?.close()
       await admin.close()
       if (metricsAddress !== undefined) await metrics.close()
       await store.close()
@@ -81,5 +108,109 @@ export async function startNode(options: NodeOptions): Promise<RunningNode> {
     })()
     return stopping
   }
-  return { nbdAddress, metricsAddress, stop }
+  return {
+    nbdAddress,
+    metricsAddress,
+    replicationAddress: replication?.replicationAddress,
+    replication,
+    stop,
+  }
+}
+
+/** Per-volume replication health, read from the controllers at scrape time. */
+function registerReplicationMetrics(registry: Registry, replication: Replication): void {
+  const roles = ['starting', 'primary', 'secondary', 'closed'] as const
+  new Gauge({
+    name: 'duplex_replica_role',
+    help: "The role of this node's replica of a volume (1 for the current role)",
+    labelNames: ['volume', 'role'],
+    registers: [registry],
+    collect() {
+      for (const status of replication.status()) {
+        for (const role of roles)
+          this.set({ volume: status.volume, role }, status.role === role ? 1 : 0)
+      }
+    },
+  })
+  new Gauge({
+    name: 'duplex_replica_epoch',
+    help: 'The epoch this replica is in',
+    labelNames: ['volume'],
+    registers: [registry],
+    collect() {
+      for (const status of replication.status()) this.set({ volume: status.volume }, status.epoch)
+    },
+  })
+  new Gauge({
+    name: 'duplex_replica_up_to_date',
+    help: '1 if this replica is UpToDate, 0 while it is Inconsistent (being filled)',
+    labelNames: ['volume'],
+    registers: [registry],
+    collect() {
+      for (const status of replication.status()) {
+        this.set({ volume: status.volume }, status.state === 'UpToDate' ? 1 : 0)
+      }
+    },
+  })
+  new Gauge({
+    name: 'duplex_replication_peer_connected',
+    help: 'Primary only: 1 while the replication stream to the peer is open',
+    labelNames: ['volume'],
+    registers: [registry],
+    collect() {
+      for (const status of replication.status()) {
+        if (status.role === 'primary')
+          this.set({ volume: status.volume }, status.peerConnected ? 1 : 0)
+      }
+    },
+  })
+  new Gauge({
+    name: 'duplex_replication_sync_remaining_bytes',
+    help: 'Primary only: bytes of the running sync to the peer not yet copied',
+    labelNames: ['volume'],
+    registers: [registry],
+    collect() {
+      for (const status of replication.status()) {
+        const remaining =
+          status.peer === 'syncing' ? status.syncBytesTotal - status.syncBytesDone : 0
+        this.set({ volume: status.volume }, remaining)
+      }
+    },
+  })
+  const codes = [
+    'EPOCH_STALE',
+    'EPOCH_AHEAD',
+    'WRONG_SENDER',
+    'CHECKSUM_MISMATCH',
+    'IO_ERROR',
+    'SEQ_OUT_OF_WINDOW',
+    'OUT_OF_ORDER',
+    'NOT_SECONDARY',
+  ]
+  new Counter({
+    name: 'duplex_replication_rejected_messages_total',
+    help: 'Replication messages this replica refused (never applied), by reason',
+    labelNames: ['volume', 'code'],
+    registers: [registry],
+    collect() {
+      // The controllers hold the running totals; the counter mirrors them at each scrape.
+      this.reset()
+      for (const status of replication.status()) {
+        for (const code of codes)
+          this.inc({ volume: status.volume, code }, status.rejected[code] ?? 0)
+      }
+    },
+  })
+  new Counter({
+    name: 'duplex_replication_forwarded_writes_total',
+    help: 'Primary only: writes forwarded by the peer node for its clients',
+    labelNames: ['volume'],
+    registers: [registry],
+    collect() {
+      this.reset()
+      for (const status of replication.status()) {
+        this.inc({ volume: status.volume }, status.forwardedWrites)
+      }
+    },
+  })
 }

@@ -394,6 +394,11 @@ export class PeerLinkServer {
     })
   }
 
+  /** The underlying server, to add the node's other services before `listen`. */
+  get grpcServer(): grpc.Server {
+    return this.server
+  }
+
   /** Bind and start; resolves with the bound port (pass 0 for an ephemeral one). */
   async listen(host: string, port: number): Promise<number> {
     this.xxh64 = await loadXxh64()

@@ -43,6 +43,7 @@ import type {
   PrimaryEvent,
   ReplicationCode,
   RequestId,
+  SecondaryCounters,
   SecondaryEffect,
   SecondaryEvent,
 } from './replication.js'
@@ -81,7 +82,35 @@ interface PendingRequest {
   kind: OpKind | 'flush'
   data: Buffer | undefined
   zero: ZeroOptions | undefined
+  /** Set for the copies of `sync`: what is sent is read from this replica once the range is ours. */
+  sync: SyncCopy | undefined
 }
+
+/**
+ * A range copied to the peer by `sync`. It goes through the core like a client write, so it is
+ * ordered against client writes; its "local write" is a read of this replica, taken when the core
+ * issues it (the range is then held: no overlapping write runs until both sides are done), and
+ * the send waits for that read.
+ */
+interface SyncCopy {
+  /** What the read found: data to write, or nothing but zeroes (sent as a hole punch). */
+  wire: { kind: 'write' | 'zero'; data: Buffer } | undefined
+  /** The core's sendToPeer, held until the read is done. */
+  deferred: Extract<PrimaryEffect, { type: 'sendToPeer' }> | undefined
+}
+
+/** A byte range of a volume. */
+export interface ByteRange {
+  offset: number
+  length: number
+}
+
+/** Copies larger than this are split (a data copy is held in memory while in flight). */
+const syncDataChunkBytes = 1024 * 1024
+/** Runs of holes are sent as hole punches of at most this length. */
+const syncHoleChunkBytes = 32 * 1024 * 1024
+/** Copies in flight at once. */
+const syncParallel = 8
 
 export interface PrimaryVolumeOptions {
   local: Volume
@@ -93,6 +122,14 @@ export interface PrimaryVolumeOptions {
   client: PeerLinkClient
   incarnation: Buffer
   log: Logger
+  /** The stream to the peer is open (again): a good time to ask whether it needs a sync. */
+  onPeerConnected?: () => void
+  /**
+   * The peer process restarted: its replication memory is gone, so this volume acknowledges
+   * nothing more (every pending request failed). The owner replaces it with a new one in a
+   * new epoch once `idle()` resolves.
+   */
+  onPeerRestarted?: () => void
 }
 
 export class PrimaryVolume implements BlockDevice {
@@ -108,6 +145,9 @@ export class PrimaryVolume implements BlockDevice {
   private closing = false
   private reconnectDelayMs = reconnectDelayMsMin
   private reconnectTimer: NodeJS.Timeout | undefined
+  /** Local writes, reads for sync and flushes still running on this replica. */
+  private localInflight = 0
+  private localIdleWaiters: (() => void)[] = []
 
   private constructor(
     private readonly options: PrimaryVolumeOptions,
@@ -133,6 +173,17 @@ export class PrimaryVolume implements BlockDevice {
 
   get counters(): Readonly<PrimaryCounters> {
     return this.core.counters
+  }
+
+  /** The extents that may differ between the replicas (hot or pinned), as byte ranges. */
+  hotRanges(): ByteRange[] {
+    const extents = new Set([...this.core.hotExtents(), ...this.core.pinnedExtents()])
+    const size = this.info.sizeBytes
+    const bytes = this.core.extentBytes
+    return [...extents]
+      .sort((a, b) => a - b)
+      .map((extent) => ({ offset: extent * bytes, length: Math.min(bytes, size - extent * bytes) }))
+      .filter((range) => range.length > 0)
   }
 
   async read(offset: number, length: number): Promise<Buffer> {
@@ -175,9 +226,28 @@ export class PrimaryVolume implements BlockDevice {
         kind: 'flush',
         data: undefined,
         zero: undefined,
+        sync: undefined,
       })
       this.events.push({ type: 'clientFlush', requestId })
     })
+  }
+
+  /** Resolves once no local I/O issued by this volume is running (after `close` or a failure). */
+  async idle(): Promise<void> {
+    while (this.localInflight > 0) {
+      await new Promise<void>((resolve) => this.localIdleWaiters.push(resolve))
+    }
+  }
+
+  /** Local I/O issued by this driver: counted, so `idle()` can wait for stragglers. */
+  private local<T>(io: Promise<T>): Promise<T> {
+    this.localInflight += 1
+    const done = (): void => {
+      this.localInflight -= 1
+      if (this.localInflight === 0) for (const wake of this.localIdleWaiters.splice(0)) wake()
+    }
+    io.then(done, done)
+    return io
   }
 
   /** Stops reconnecting and closes the stream; requests still pending fail. */
@@ -200,9 +270,102 @@ export class PrimaryVolume implements BlockDevice {
     await this.admitted(op.kind, op.length)
     return new Promise((resolve, reject) => {
       const requestId = this.nextRequestId++
-      this.requests.set(requestId, { resolve, reject, kind: op.kind, data, zero })
+      this.requests.set(requestId, { resolve, reject, kind: op.kind, data, zero, sync: undefined })
       this.events.push({ type: 'clientWrite', requestId, ...op })
     })
+  }
+
+  /**
+   * Copies `ranges` of this replica to the peer while client I/O continues (initial sync of an
+   * empty or Inconsistent peer). Holes and zeroes are sent as hole punches, data in 1 MiB copies;
+   * each copy is ordered against client writes by the core, so a client write to the same range
+   * lands on the peer after the copy. Resolves once every copy is acknowledged by the peer.
+   * `onCopied` reports progress in bytes of the volume covered.
+   */
+  async sync(ranges: readonly ByteRange[], onCopied?: (bytes: number) => void): Promise<void> {
+    const chunks = await this.syncPlan(ranges)
+    let next = 0
+    const worker = async (): Promise<void> => {
+      for (let chunk = chunks[next++]; chunk !== undefined; chunk = chunks[next++]) {
+        await this.syncCopy(chunk)
+        onCopied?.(chunk.length)
+      }
+    }
+    await Promise.all(Array.from({ length: syncParallel }, worker))
+  }
+
+  /** Splits ranges into copies: data chunks of 1 MiB, hole runs of up to 32 MiB. */
+  private async syncPlan(ranges: readonly ByteRange[]): Promise<(ByteRange & { hole: boolean })[]> {
+    const out: (ByteRange & { hole: boolean })[] = []
+    for (const range of ranges) {
+      let offset = range.offset
+      const extents = await this.options.local.allocation(range.offset, range.length, 1 << 20)
+      for (const extent of extents) {
+        const hole = extent.hole || extent.zero
+        const step = hole ? syncHoleChunkBytes : syncDataChunkBytes
+        for (let at = 0; at < extent.lengthBytes; at += step) {
+          out.push({ offset: offset + at, length: Math.min(step, extent.lengthBytes - at), hole })
+        }
+        offset += extent.lengthBytes
+      }
+      // The map may report fewer extents than asked for: cover the rest as data.
+      for (; offset < range.offset + range.length; offset += syncDataChunkBytes) {
+        const length = Math.min(syncDataChunkBytes, range.offset + range.length - offset)
+        out.push({ offset, length, hole: false })
+      }
+    }
+    return out
+  }
+
+  private async syncCopy(chunk: ByteRange & { hole: boolean }): Promise<void> {
+    if (this.needsResync !== undefined) throw new DuplexError('IO_ERROR', this.needsResync)
+    const kind = chunk.hole ? 'zero' : 'write'
+    await this.admitted(kind, chunk.length)
+    return new Promise((resolve, reject) => {
+      const requestId = this.nextRequestId++
+      this.requests.set(requestId, {
+        resolve,
+        reject,
+        kind,
+        data: undefined,
+        zero: undefined,
+        sync: { wire: undefined, deferred: undefined },
+      })
+      this.events.push({
+        type: 'clientWrite',
+        requestId,
+        kind,
+        offset: chunk.offset,
+        length: chunk.length,
+        fua: false,
+      })
+    })
+  }
+
+  /** The core issued a sync copy: read what this replica holds there, then let the send go. */
+  private captureSync(requestId: RequestId, op: BlockOp, copy: SyncCopy): void {
+    const local = this.options.local
+    const capture = async (): Promise<{ kind: 'write' | 'zero'; data: Buffer }> => {
+      const extents = await local.allocation(op.offset, op.length, 1 << 20)
+      const covered = extents.reduce((sum, extent) => sum + extent.lengthBytes, 0)
+      if (covered === op.length && extents.every((extent) => extent.hole || extent.zero)) {
+        return { kind: 'zero', data: Buffer.alloc(0) }
+      }
+      return { kind: 'write', data: await local.read(op.offset, op.length) }
+    }
+    this.local(capture()).then(
+      (wire) => {
+        copy.wire = wire
+        const deferred = copy.deferred
+        copy.deferred = undefined
+        if (deferred !== undefined) this.performOne(deferred)
+        this.events.push({ type: 'localDone', requestId, ok: true })
+      },
+      (error: unknown) => {
+        this.options.log.error('reading a range to sync failed', { error: errorMessage(error) })
+        this.events.push({ type: 'localDone', requestId, ok: false })
+      },
+    )
   }
 
   /** Back-pressure: waits until the core can take one more request of this size. */
@@ -238,29 +401,37 @@ export class PrimaryVolume implements BlockDevice {
           },
         )
         return
-      case 'writeLocal':
-        this.applyLocal(effect.requestId, effect)
+      case 'writeLocal': {
+        const sync = this.requests.get(effect.requestId)?.sync
+        if (sync === undefined) this.applyLocal(effect.requestId, effect)
+        else this.captureSync(effect.requestId, effect, sync)
         return
+      }
       case 'sendToPeer': {
         const request = this.requests.get(effect.requestId)
         const stream = this.stream
         if (stream === undefined || !stream.isOpen) return // re-sent after peerConnected
+        const sync = request?.sync
+        if (sync !== undefined && sync.wire === undefined) {
+          sync.deferred = effect // sent once the read is done
+          return
+        }
         stream.sendOp(
           {
             epoch: effect.epoch,
             seq: effect.seq,
-            kind: effect.kind,
+            kind: sync?.wire?.kind ?? effect.kind,
             offset: effect.offset,
             length: effect.length,
             fua: effect.fua,
             noHole: request?.zero?.noHole ?? false,
           },
-          request?.data ?? Buffer.alloc(0),
+          sync?.wire?.data ?? request?.data ?? Buffer.alloc(0),
         )
         return
       }
       case 'flushLocal':
-        this.options.local.flush().then(
+        this.local(this.options.local.flush()).then(
           () => {
             this.events.push({ type: 'localFlushDone', flushId: effect.flushId, ok: true })
           },
@@ -308,7 +479,7 @@ export class PrimaryVolume implements BlockDevice {
       default:
         unreachable(op.kind)
     }
-    done.then(
+    this.local(done).then(
       () => {
         this.events.push({ type: 'localDone', requestId, ok: true })
       },
@@ -388,9 +559,10 @@ export class PrimaryVolume implements BlockDevice {
     if (this.peerIncarnation !== undefined && !ack.incarnation.equals(this.peerIncarnation)) {
       stream.close('RESET', 'peer restarted')
       this.fail(
-        `the secondary of ${this.info.name} restarted and may have lost unflushed writes; ` +
-          'the replicas need a resync before writes can be acknowledged again',
+        `the secondary of ${this.info.name} restarted: writes in flight fail, and the volume ` +
+          'continues in a new epoch once the hot extents are copied to it again',
       )
+      this.options.onPeerRestarted?.()
       return
     }
     this.peerIncarnation = ack.incarnation
@@ -401,6 +573,7 @@ export class PrimaryVolume implements BlockDevice {
       peer: this.options.peerAddress,
     })
     this.events.push({ type: 'peerConnected' })
+    this.options.onPeerConnected?.()
   }
 
   private onStreamClosed(reason: LinkClosed): void {
@@ -430,6 +603,8 @@ export interface SecondaryVolumeOptions {
   epoch: number
   primary: NodeId
   log: Logger
+  /** Each op or flush refused (for metrics; the log line is written here). */
+  onReject?: (code: ReplicationCode) => void
 }
 
 /** The secondary's side: applies the primary's stream through the SecondaryReplication core. */
@@ -449,6 +624,25 @@ export class SecondaryVolume {
 
   get name(): string {
     return this.options.local.name
+  }
+
+  get epoch(): number {
+    return this.core.epoch
+  }
+
+  get counters(): Readonly<SecondaryCounters> {
+    return this.core.counters
+  }
+
+  /** The volume moved to a newer epoch (persisted by the caller): ops of older ones are refused. */
+  advance(epoch: number, primary: NodeId): void {
+    this.events.push({ type: 'epochChanged', epoch, primary })
+  }
+
+  /** Ends the current stream from the primary, if any. */
+  close(reason: string): void {
+    this.replies?.close('SHUTTING_DOWN', reason)
+    this.replies = undefined
   }
 
   /** Decides on a new stream from the primary (PeerLinkServer's onStream, for this volume). */
@@ -558,10 +752,22 @@ export class SecondaryVolume {
         return
       case 'reject':
         this.payloads.delete(`${effect.epoch}:${effect.seq}`)
-        this.options.log.warn('rejected a replicated op', { seq: effect.seq, code: effect.code })
+        this.options.log.warn('rejected a replicated op', {
+          volume: this.name,
+          epoch: effect.epoch,
+          seq: effect.seq,
+          code: effect.code,
+        })
+        this.options.onReject?.(effect.code)
         this.replies?.reject(effect.epoch, effect.seq, effect.code, `rejected: ${effect.code}`)
         return
       case 'rejectFlush':
+        this.options.log.warn('rejected a replicated flush', {
+          volume: this.name,
+          epoch: effect.epoch,
+          code: effect.code,
+        })
+        this.options.onReject?.(effect.code)
         this.replies?.rejectFlush(
           effect.epoch,
           effect.flushId,

@@ -4,7 +4,8 @@
  *
  * Layout:
  *   DATA/lock               held (OFD lock, `tryLock`) for the store's lifetime: one process only
- *   DATA/meta/              RocksDB: `volume/<name>` -> VolumeRecord JSON, `alloc/<id>/<segment>`
+ *   DATA/meta/              RocksDB: `volume/<name>` -> VolumeRecord JSON, `alloc/<id>/<segment>`,
+ *                           `replica/<name>` -> ReplicaRecord JSON (replicated volumes only)
  *   DATA/volumes/<id>.data  one sparse file per volume, as long as the volume
  *
  * Crash safety of the admin operations (each step durable before the next):
@@ -41,6 +42,20 @@ const volumeNamePattern = /^[a-z0-9][a-z0-9._-]*$/
 const volumeIdPattern = /^[0-9a-f]{16}$/
 const dataFilePattern = /^([0-9a-f]{16})\.data$/
 const volumeKeyPrefix = 'volume/'
+const replicaKeyPrefix = 'replica/'
+
+/**
+ * The replication role of this node's replica, persisted (synced) before it takes effect:
+ * `epoch` 0 means "never joined a replication pair" (a replica just created here).
+ */
+export interface ReplicaRecord {
+  /** The newest epoch this replica knows; a primary start or a handover moves it up. */
+  epoch: number
+  /** The node that is primary in `epoch` ('' while epoch is 0). */
+  primary: string
+  /** Inconsistent until a full initial sync from the primary completed. */
+  state: 'UpToDate' | 'Inconsistent'
+}
 
 export interface NodeStoreOptions {
   /** Allocation chunk size; the default (64 KiB) is what production uses. */
@@ -66,6 +81,7 @@ export interface VolumeListing extends ExportInfo {
 interface Entry {
   volume: Volume
   attachments: number
+  replica: ReplicaRecord | undefined
 }
 
 /** Throws INVALID_ARGUMENT unless `name` is a valid volume name. */
@@ -180,6 +196,25 @@ export class NodeStore implements ExportRegistry {
     return this.entries.get(name)?.volume
   }
 
+  /** The persisted replication role of a volume, or undefined if it was never replicated. */
+  replica(name: string): ReplicaRecord | undefined {
+    const replica = this.entries.get(name)?.replica
+    return replica === undefined ? undefined : { ...replica }
+  }
+
+  /** Persists (synced) the replication role of a volume; effective once this resolves. */
+  setReplica(name: string, replica: ReplicaRecord): Promise<void> {
+    return this.admin(async () => {
+      const entry = this.entries.get(name)
+      if (entry === undefined) {
+        throw new DuplexError('VOLUME_NOT_FOUND', `volume ${name} does not exist`)
+      }
+      const value = Buffer.from(JSON.stringify(checkedReplica(replica, 'new replica record')))
+      await this.meta.batch([{ type: 'put', key: replicaKey(name), value }], { sync: true })
+      entry.replica = { ...replica }
+    })
+  }
+
   attachmentCount(name: string): number {
     return this.entries.get(name)?.attachments ?? 0
   }
@@ -214,7 +249,11 @@ export class NodeStore implements ExportRegistry {
         throw asStoreError(`cannot create volume ${name}`, error)
       }
       const map = new AllocationMap(mapOptions(record))
-      this.entries.set(name, { volume: new Volume(record, handle, this.meta, map), attachments: 0 })
+      this.entries.set(name, {
+        volume: new Volume(record, handle, this.meta, map),
+        attachments: 0,
+        replica: undefined,
+      })
       return { ...record }
     })
   }
@@ -236,7 +275,10 @@ export class NodeStore implements ExportRegistry {
       this.entries.delete(name) // from here on no client can attach
       const { id } = entry.volume.record
       await entry.volume.close()
-      const ops: MetaOp[] = [{ type: 'del', key: volumeKey(name) }]
+      const ops: MetaOp[] = [
+        { type: 'del', key: volumeKey(name) },
+        { type: 'del', key: replicaKey(name) },
+      ]
       for (const prefix of [allocationKeyPrefix(id), activityLogPrefix(id)]) {
         for await (const [key] of this.meta.scan(prefix)) ops.push({ type: 'del', key })
       }
@@ -276,13 +318,21 @@ export class NodeStore implements ExportRegistry {
     for await (const [key, value] of this.meta.scan(volumeKeyPrefix)) {
       records.push(parseRecord(key, value))
     }
+    const replicas = new Map<string, ReplicaRecord>()
+    for await (const [key, value] of this.meta.scan(replicaKeyPrefix)) {
+      replicas.set(key.slice(replicaKeyPrefix.length), parseReplica(key, value))
+    }
     const ids = new Set(records.map((record) => record.id))
     await this.removeOrphanFiles(ids)
     await this.removeOrphanAllocation(ids)
     try {
       for (const record of records) {
         const volume = await this.loadVolume(record)
-        this.entries.set(record.name, { volume, attachments: 0 })
+        this.entries.set(record.name, {
+          volume,
+          attachments: 0,
+          replica: replicas.get(record.name),
+        })
       }
     } catch (error) {
       await Promise.allSettled([...this.entries.values()].map((entry) => entry.volume.close()))
@@ -370,6 +420,34 @@ export class NodeStore implements ExportRegistry {
 
 function volumeKey(name: string): string {
   return volumeKeyPrefix + name
+}
+
+function replicaKey(name: string): string {
+  return replicaKeyPrefix + name
+}
+
+function parseReplica(key: string, value: Buffer): ReplicaRecord {
+  let parsed: unknown
+  try {
+    parsed = JSON.parse(value.toString('utf8'))
+  } catch (error) {
+    throw new DuplexError(
+      'STORE_CORRUPT',
+      `replica record ${key} is damaged: ${errorMessage(error)}`,
+    )
+  }
+  return checkedReplica(parsed, `replica record ${key}`)
+}
+
+function checkedReplica(value: unknown, what: string): ReplicaRecord {
+  const fail = (why: string): DuplexError =>
+    new DuplexError('STORE_CORRUPT', `${what} is damaged: ${why}`)
+  if (typeof value !== 'object' || value === null) throw fail('not an object')
+  const { epoch, primary, state } = value as Record<string, unknown>
+  if (typeof epoch !== 'number' || !Number.isSafeInteger(epoch) || epoch < 0) throw fail('epoch')
+  if (typeof primary !== 'string' || epoch > 0 !== primary.length > 0) throw fail('primary')
+  if (state !== 'UpToDate' && state !== 'Inconsistent') throw fail('state')
+  return { epoch, primary, state }
 }
 
 function parseRecord(key: string, value: Buffer): VolumeRecord {

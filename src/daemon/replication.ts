@@ -1,0 +1,221 @@
+/**
+ * The node's replication side: one gRPC server (the `Replication` stream service and the `Peer`
+ * control service) on the node's replication endpoint, one `ReplicaController` per volume the
+ * cluster file places on this node, and the registry the NBD server serves from.
+ *
+ * Volumes: each volume placed here is created in the local store if missing (a new replica starts
+ * at epoch 0, Inconsistent unless this node is the configured primary of a volume it already
+ * holds, e.g. one created before replication was configured). A local volume whose size differs
+ * from the cluster file is not served (logged): resizing is a catalog operation (issue 5).
+ * Volumes in the store that the cluster file does not mention are served unreplicated, as before.
+ */
+import type { AddressInfo } from 'node:net'
+import { DuplexError, errorMessage } from '../core/errors.js'
+import type { Logger } from '../core/log.js'
+import type { Attachment, ExportInfo, ExportRegistry } from '../nbd/exports.js'
+import { addPeerControlService, PeerControlClient } from '../replica/peer-control.js'
+import type { PeerControlHandlers } from '../replica/peer-control.js'
+import { newIncarnation, PeerLinkClient, PeerLinkServer } from '../replica/peer-link.js'
+import type { PeerLinkClientOptions } from '../replica/peer-link.js'
+import { ReplicaController } from '../replica/replica-controller.js'
+import type { ReplicaStatus } from '../replica/replica-controller.js'
+import type { NodeStore, ReplicaRecord } from '../replica/store.js'
+import type { ClusterConfig } from './cluster-config.js'
+import { findNode, volumesOfNode } from './cluster-config.js'
+
+export interface ReplicationOptions {
+  nodeName: string
+  config: ClusterConfig
+  store: NodeStore
+  log: Logger
+  /** Test hooks and tuning for the links to peers. */
+  link?: PeerLinkClientOptions
+  roleWaitMs?: number
+}
+
+interface Peer {
+  link: PeerLinkClient
+  control: PeerControlClient
+}
+
+export class Replication implements ExportRegistry {
+  private readonly controllers = new Map<string, ReplicaController>()
+  private readonly peers = new Map<string, Peer>()
+  private readonly server: PeerLinkServer
+  private address: AddressInfo | undefined
+
+  private constructor(private readonly options: ReplicationOptions) {
+    const incarnation = newIncarnation()
+    this.server = new PeerLinkServer({
+      incarnation,
+      onStream: (hello, replies) => {
+        const controller = this.controllers.get(hello.volume)
+        if (controller === undefined) {
+          return {
+            type: 'reject',
+            code: 'VOLUME_NOT_FOUND',
+            message: `${options.nodeName} holds no replica of ${hello.volume}`,
+            epoch: 0,
+          }
+        }
+        return controller.onStream(hello, replies)
+      },
+    })
+    for (const { volume, peer } of volumesOfNode(options.config, options.nodeName)) {
+      const address = `${peer.replication.host}:${peer.replication.port}`
+      let link = this.peers.get(peer.name)
+      if (link === undefined) {
+        const client = new PeerLinkClient(options.link)
+        client.connect(address)
+        link = { link: client, control: new PeerControlClient(address) }
+        this.peers.set(peer.name, link)
+      }
+      const local = options.store.get(volume.name)
+      if (local === undefined) continue // created in start()
+      this.controllers.set(
+        volume.name,
+        new ReplicaController(
+          {
+            nodeName: options.nodeName,
+            peerName: peer.name,
+            peerAddress: address,
+            configuredPrimary: volume.primary,
+            followTheWriter: volume.followTheWriter,
+            volume: local,
+            store: options.store,
+            link: link.link,
+            control: link.control,
+            incarnation,
+            log: options.log,
+            ...(options.roleWaitMs === undefined ? {} : { roleWaitMs: options.roleWaitMs }),
+          },
+          options.store.replica(volume.name) ?? initialRecord(volume.primary === options.nodeName),
+        ),
+      )
+    }
+  }
+
+  /** Creates missing replicas, listens on this node's replication endpoint, starts every volume. */
+  static async start(options: ReplicationOptions): Promise<Replication> {
+    const { config, nodeName, store, log } = options
+    const self = findNode(config, nodeName)
+    if (self === undefined) {
+      throw new DuplexError(
+        'INVALID_ARGUMENT',
+        `node ${nodeName} is not in the cluster file (nodes: ${config.nodes.map((n) => n.name).join(', ')})`,
+      )
+    }
+    for (const { volume } of volumesOfNode(config, nodeName)) {
+      const existing = store.get(volume.name)
+      if (existing === undefined) {
+        await store.create(volume.name, volume.sizeBytes)
+        await store.setReplica(volume.name, initialRecord(false))
+        log.info('created a new replica', { volume: volume.name, bytes: volume.sizeBytes })
+      } else if (existing.info.sizeBytes !== volume.sizeBytes) {
+        log.error('replica size differs from the cluster file; not serving it', {
+          volume: volume.name,
+          local: existing.info.sizeBytes,
+          cluster: volume.sizeBytes,
+        })
+      }
+    }
+    const replication = new Replication(options)
+    for (const { volume } of volumesOfNode(config, nodeName)) {
+      if (store.get(volume.name)?.info.sizeBytes !== volume.sizeBytes) {
+        replication.controllers.delete(volume.name)
+      }
+    }
+    await addPeerControlService(replication.server.grpcServer, replication.handlers(), log)
+    const port = await replication.server.listen(self.replication.host, self.replication.port)
+    replication.address = {
+      address: self.replication.host,
+      family: self.replication.host.includes(':') ? 'IPv6' : 'IPv4',
+      port,
+    }
+    for (const controller of replication.controllers.values()) controller.start()
+    return replication
+  }
+
+  get replicationAddress(): AddressInfo | undefined {
+    return this.address
+  }
+
+  status(): ReplicaStatus[] {
+    return [...this.controllers.values()].map((controller) => controller.status())
+  }
+
+  controller(volume: string): ReplicaController | undefined {
+    return this.controllers.get(volume)
+  }
+
+  // ExportRegistry: replicated volumes through their controller, the others straight from the store.
+
+  list(): ExportInfo[] {
+    return this.options.store.list()
+  }
+
+  find(name: string): ExportInfo | undefined {
+    return this.options.store.find(name)
+  }
+
+  attach(name: string): Attachment | undefined {
+    const attachment = this.options.store.attach(name)
+    const controller = this.controllers.get(name)
+    if (attachment === undefined || controller === undefined) return attachment
+    return {
+      device: controller,
+      detach: () => {
+        attachment.detach()
+      },
+    }
+  }
+
+  /** Stops every controller (pending requests fail), says Goodbye on every stream. */
+  async close(): Promise<void> {
+    const results = await Promise.allSettled(
+      [...this.controllers.values()].map((controller) => controller.close()),
+    )
+    for (const peer of this.peers.values()) {
+      peer.link.close()
+      peer.control.close()
+    }
+    await this.server.close()
+    for (const result of results) {
+      if (result.status === 'rejected') {
+        this.options.log.error('a volume did not close cleanly', {
+          error: errorMessage(result.reason),
+        })
+      }
+    }
+  }
+
+  private handlers(): PeerControlHandlers {
+    const find = (volume: string): ReplicaController => {
+      const controller = this.controllers.get(volume)
+      if (controller === undefined) {
+        throw new DuplexError(
+          'VOLUME_NOT_FOUND',
+          `${this.options.nodeName} holds no replica of ${volume}`,
+        )
+      }
+      return controller
+    }
+    return {
+      describe: (volume) => Promise.resolve().then(() => find(volume).describe()),
+      forward: (request) =>
+        Promise.resolve().then(() => find(request.volume).serveForwarded(request)),
+      handover: (request) => Promise.resolve().then(() => find(request.volume).handover(request)),
+      promote: (request) => Promise.resolve().then(() => find(request.volume).promote()),
+      syncComplete: (request) =>
+        Promise.resolve().then(() => find(request.volume).syncComplete(request)),
+    }
+  }
+}
+
+/**
+ * The record of a replica that never joined a pair. A volume that existed on the configured
+ * primary before replication was configured keeps its data: it counts as UpToDate.
+ */
+function initialRecord(configuredPrimaryWithData: boolean): ReplicaRecord {
+  return { epoch: 0, primary: '', state: configuredPrimaryWithData ? 'UpToDate' : 'Inconsistent' }
+}
