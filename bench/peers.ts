@@ -5,10 +5,11 @@
  *
  * Peers today: `duplex` (single node), `qemu-nbd` (unreplicated, writeback cache, same durability
  * contract), `quorum` (QEMU's block-layer quorum of a local file and an NBD child served by a
- * second qemu-nbd: synchronous two-way replication). A replicated duplex peer is another
- * `Peer` that starts two nodes and returns the primary's URI.
+ * second qemu-nbd: synchronous two-way replication), and `duplex-replicated` (two duplex nodes in
+ * two domains with a cluster file; clients use the primary's URI, and the initial sync of the new
+ * volume is done before the URI is returned).
  */
-import { closeSync, ftruncateSync, openSync } from 'node:fs'
+import { closeSync, ftruncateSync, openSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import {
   freePort,
@@ -147,13 +148,76 @@ export function duplexPeer(ctx: PeerContext): Peer {
   }
 }
 
-export const peerNames = ['duplex', 'qemu-nbd', 'quorum'] as const
+/** Two duplex nodes replicating `bench` synchronously; node-a is primary. */
+export function duplexReplicatedPeer(ctx: PeerContext): Peer {
+  const cli = join(ctx.repoRoot, 'dist', 'src', 'cli', 'main.js')
+  return {
+    name: 'duplex-replicated',
+    async start() {
+      const dir = makeTempDir('duplex-replicated')
+      const replicationPorts = [await freePort(), await freePort()]
+      const names = ['node-a', 'node-b']
+      const cluster = join(dir, 'cluster.json')
+      writeFileSync(
+        cluster,
+        JSON.stringify({
+          nodes: names.map((name, i) => ({
+            name,
+            domain: `site-${name.slice(-1)}`,
+            replication: `127.0.0.1:${replicationPorts[i] ?? 0}`,
+          })),
+          volumes: [{ name: 'bench', size: '1G', replicas: names, primary: 'node-a' }],
+        }),
+      )
+      const nbdPorts = [await freePort(), await freePort()]
+      const procs = names.map((name, i) =>
+        spawnTracked(`duplex-${name}`, process.execPath, [
+          ...[cli, 'node', '--name', name, '--data-dir', join(dir, name)],
+          ...['--listen', `127.0.0.1:${nbdPorts[i] ?? 0}`, '--metrics-listen', '127.0.0.1:0'],
+          ...['--cluster', cluster],
+        ]),
+      )
+      const uri = `nbd://127.0.0.1:${nbdPorts[0] ?? 0}/bench`
+      try {
+        await waitForNbd(uri, procs)
+        await waitForUpToDate(cli, cluster, procs)
+      } catch (err) {
+        await stopper(procs, dir)()
+        throw err
+      }
+      return { uri, processes: procs, stop: stopper(procs, dir) }
+    },
+  }
+}
+
+/** Polls `duplex volume status` until both replicas are UpToDate (30 s at most). */
+async function waitForUpToDate(cli: string, cluster: string, procs: Tracked[]): Promise<void> {
+  const deadline = Date.now() + 30_000
+  let last = ''
+  while (Date.now() < deadline) {
+    const status = await run(process.execPath, [
+      ...[cli, 'volume', 'status', '--cluster', cluster, '--output', 'json'],
+    ])
+    last = status.stdout + status.stderr
+    if (status.code === 0) {
+      const rows = JSON.parse(status.stdout) as { state: string }[]
+      if (rows.length === 2 && rows.every((row) => row.state === 'UpToDate')) return
+    }
+    if (procs.some((p) => p.isExited())) break
+    await new Promise((resolve) => setTimeout(resolve, 200))
+  }
+  throw new Error(`replicas not UpToDate in 30 s:\n${last}`)
+}
+
+export const peerNames = ['duplex', 'duplex-replicated', 'qemu-nbd', 'quorum'] as const
 export type PeerName = (typeof peerNames)[number]
 
 export function makePeer(name: PeerName, ctx: PeerContext): Peer {
   switch (name) {
     case 'duplex':
       return duplexPeer(ctx)
+    case 'duplex-replicated':
+      return duplexReplicatedPeer(ctx)
     case 'qemu-nbd':
       return qemuNbdPeer
     case 'quorum':
