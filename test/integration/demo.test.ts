@@ -13,6 +13,7 @@ const skip = await missingTools(['qemu-io'])
 
 interface Demo {
   firstLine: string
+  secondLine: string
   stop(signal: NodeJS.Signals): Promise<number | null>
 }
 
@@ -24,14 +25,22 @@ async function startDemo(dir: string, port: number): Promise<Demo> {
   child.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString()))
   const exited = new Promise<number | null>((resolve) => child.once('exit', resolve))
   const lines = readline.createInterface({ input: child.stdout })
-  const firstLine = await Promise.race([
-    new Promise<string>((resolve) => lines.once('line', resolve)),
+  const received: string[] = []
+  const twoLines = new Promise<string[]>((resolve) => {
+    lines.on('line', (line) => {
+      received.push(line)
+      if (received.length === 2) resolve(received)
+    })
+  })
+  const [firstLine = '', secondLine = ''] = await Promise.race([
+    twoLines,
     exited.then((code) => {
       throw new Error(`demo exited with ${code ?? 'signal'} before printing:\n${stderr}`)
     }),
   ])
   return {
     firstLine,
+    secondLine,
     async stop(signal) {
       child.kill(signal)
       return exited
@@ -45,7 +54,7 @@ t.test(
   async (t) => {
     const dir = await tempDir('duplex-demo-')
     t.teardown(() => fs.rm(dir, { recursive: true, force: true }))
-    const port = await freePorts(2)
+    const port = await freePorts(6)
 
     let demo = await startDemo(dir, port)
     t.match(
@@ -55,11 +64,21 @@ t.test(
       ),
       'the process line names the node, its pid, its NBD URI and its metrics URL',
     )
+    t.match(
+      demo.secondLine,
+      new RegExp(
+        `^node-b pid \\d+ nbd://127\\.0\\.0\\.1:${port + 3}/demo metrics http://127\\.0\\.0\\.1:${port + 4}/metrics$`,
+      ),
+      'and one line for the second node',
+    )
     const uri = `nbd://127.0.0.1:${port}/demo`
+    const uriB = `nbd://127.0.0.1:${port + 3}/demo`
     const info = await run('qemu-img', ['info', '--output=json', uri])
     t.equal((JSON.parse(info.stdout) as { 'virtual-size': number })['virtual-size'], 1024 ** 3)
     const write = await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5d 0 1M', uri])
     t.equal(write.code, 0, write.stderr)
+    const other = await run('qemu-io', ['-f', 'raw', '-c', 'read -P 0x5d 0 1M', uriB])
+    t.equal(other.code, 0, `a write through node-a reads back through node-b: ${other.stderr}`)
     t.equal(await demo.stop('SIGTERM'), 0, 'SIGTERM stops the demo cleanly')
     const refused = await run('qemu-img', ['info', uri])
     t.not(refused.code, 0, 'nothing listens after the demo stopped')
@@ -67,6 +86,8 @@ t.test(
     demo = await startDemo(dir, port)
     const read = await run('qemu-io', ['-f', 'raw', '-c', 'read -P 0x5d 0 1M', uri])
     t.equal(read.code, 0, `data kept across runs: ${read.stdout}${read.stderr}`)
+    const readB = await run('qemu-io', ['-f', 'raw', '-c', 'read -P 0x5d 0 1M', uriB])
+    t.equal(readB.code, 0, `on both nodes: ${readB.stdout}${readB.stderr}`)
     t.equal(await demo.stop('SIGINT'), 0, 'Ctrl-C (SIGINT) stops the demo cleanly')
   },
 )
