@@ -1,6 +1,7 @@
 /**
  * Micro-benchmark of the replication transport (src/replica/peer-link.ts) over loopback:
- * 4 KiB writes at 32 in flight through a real gRPC stream (ops/s, µs per op), the codec's
+ * 4 KiB writes at 32 in flight through a real gRPC stream (ops/s, µs per op), the round trip of
+ * one op at a time (what an iodepth-1 client pays on top of the local write), the codec's
  * encode + decode cost per 32-op batch message, and xxh64 cost per 4 KiB.
  * Run: `node dist/bench/peer-link.js` (after `npx tsc -p tsconfig.json`).
  */
@@ -25,7 +26,7 @@ function microsPer(startNs: bigint, count: number): number {
   return Number(process.hrtime.bigint() - startNs) / 1000 / count
 }
 
-async function benchStream(): Promise<Row[]> {
+async function benchStream(depth: number, streamOps: number): Promise<Row[]> {
   const server = new PeerLinkServer({
     onStream: (hello, replies) => ({
       type: 'accept',
@@ -78,7 +79,10 @@ async function benchStream(): Promise<Row[]> {
   await server.close()
   return [
     { what: `stream: 4 KiB writes, ${depth} in flight`, value: `${Math.round(1e6 / us)} ops/s` },
-    { what: 'stream: time per op', value: `${us.toFixed(2)} µs` },
+    {
+      what: depth === 1 ? 'stream: round trip (op to ack), 1 in flight' : 'stream: time per op',
+      value: `${us.toFixed(2)} µs`,
+    },
     { what: 'stream: ops per OpBatch', value: (stats.opsSent / stats.opBatchesSent).toFixed(1) },
     {
       what: 'stream: acks per AckBatch',
@@ -137,6 +141,11 @@ async function benchHash(): Promise<Row[]> {
   ]
 }
 
-const rows = [...(await benchStream()), ...benchCodec(), ...(await benchHash())]
+const rows = [
+  ...(await benchStream(depth, streamOps)),
+  ...(await benchStream(1, streamOps / 10)),
+  ...benchCodec(),
+  ...(await benchHash()),
+]
 const width = Math.max(...rows.map((row) => row.what.length))
 for (const row of rows) console.log(`${row.what.padEnd(width)}  ${row.value}`)

@@ -79,6 +79,10 @@ const keepaliveOptions: grpc.ChannelOptions = {
   'grpc.keepalive_permit_without_calls': 1,
   'grpc.max_send_message_length': peerMessageBytesMax,
   'grpc.max_receive_message_length': peerMessageBytesMax,
+  // The stream re-sends by itself (seqs, acks): grpc-js's retry layer only adds a buffering copy
+  // of every message on the hot path. Channelz bookkeeping costs per message too.
+  'grpc.enable_retries': 0,
+  'grpc.enable_channelz': 0,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -611,6 +615,8 @@ export class PeerStream {
     assert(op.kind !== 'write' || data.length === op.length, 'write data length')
     assert(this.fitsInflight(payloadBytes), 'sendOp past inflightBytesMax: check canSend()')
     const previous = this.inflight.get(op.seq)
+    // Alone in flight (an iodepth-1 client): nothing to batch with, so no loop turn of waiting.
+    const alone = this.inflight.size === 0 && this.pending.length === 0
     if (previous !== undefined) this.inflightBytesNow -= previous.bytes
     this.inflight.set(op.seq, { epoch: op.epoch, bytes: payloadBytes })
     this.inflightBytesNow += payloadBytes
@@ -632,6 +638,7 @@ export class PeerStream {
       wire.data = this.options.mutateOutgoing(wire, payload)
     }
     this.enqueue(wire, payloadBytes)
+    if (alone) this.flushBatch()
   }
 
   private enqueue(wire: WireOp, payloadBytes: number): void {
