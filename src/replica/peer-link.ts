@@ -80,8 +80,9 @@ const keepaliveOptions: grpc.ChannelOptions = {
   'grpc.max_send_message_length': peerMessageBytesMax,
   'grpc.max_receive_message_length': peerMessageBytesMax,
   // The stream re-sends by itself (seqs, acks): grpc-js's retry layer only adds a buffering copy
-  // of every message on the hot path. (Do not turn channelz off: with grpc-js 1.x the server
-  // then misses a forced shutdown's end of the stream, and a dead peer goes unnoticed.)
+  // of every message on the hot path. (Do not turn channelz off too: with it off, the primary
+  // never noticed a forced shutdown of its peer in test/integration/replicated-volume.test.ts;
+  // the cause inside grpc-js was not pinned down.)
   'grpc.enable_retries': 0,
 }
 
