@@ -9,6 +9,13 @@
  * - `SecondaryVolume` is the secondary's side of the stream: it applies what the primary sends
  *   through its `SecondaryReplication` core and acks.
  *
+ * - `PrimaryVolume.sync` copies ranges to a peer that lacks them (initial sync) through the core,
+ *   so copies are ordered against client writes; the copy reads this replica once the core holds
+ *   the range.
+ * - Activity log: every 2 s, when more than `hotExtentsTarget` extents are hot, the primary flushes
+ *   both replicas and cools the extents the core reports idle, so the log (and what a crash
+ *   resyncs) stays near its target size.
+ *
  * Events are queued and handled one at a time, so an effect whose handler calls back
  * synchronously (a stream closing while we send) never re-enters the core.
  *
@@ -48,6 +55,15 @@ import type {
   SecondaryEvent,
 } from './replication.js'
 import type { Volume } from './volume.js'
+
+/**
+ * Activity-log size the primary aims for: beyond this many hot extents (4 MiB each, so 256 MiB),
+ * it flushes both replicas and cools the extents that are idle. A crash then resyncs at most about
+ * this much; fewer would cost more synced activity-log writes under a wide working set.
+ */
+export const hotExtentsTargetDefault = 64
+/** How often the primary looks at the size of its activity log. */
+const coolIntervalMs = 2000
 
 /** Reconnect backoff bounds for the primary's peer stream. */
 const reconnectDelayMsMin = 100
@@ -124,6 +140,8 @@ export interface PrimaryVolumeOptions {
   log: Logger
   /** The stream to the peer is open (again): a good time to ask whether it needs a sync. */
   onPeerConnected?: () => void
+  /** Hot extents to keep at most (see hotExtentsTargetDefault). */
+  hotExtentsTarget?: number
   /**
    * The peer process restarted: its replication memory is gone, so this volume acknowledges
    * nothing more (every pending request failed). The owner replaces it with a new one in a
@@ -148,6 +166,8 @@ export class PrimaryVolume implements BlockDevice {
   /** Local writes, reads for sync and flushes still running on this replica. */
   private localInflight = 0
   private localIdleWaiters: (() => void)[] = []
+  private coolTimer: NodeJS.Timeout | undefined
+  private cooling = false
 
   private constructor(
     private readonly options: PrimaryVolumeOptions,
@@ -164,6 +184,10 @@ export class PrimaryVolume implements BlockDevice {
   static async start(options: PrimaryVolumeOptions): Promise<PrimaryVolume> {
     const volume = new PrimaryVolume(options, await options.activityLog.hotExtents())
     volume.connect()
+    volume.coolTimer = setInterval(() => {
+      void volume.cool()
+    }, coolIntervalMs)
+    volume.coolTimer.unref()
     return volume
   }
 
@@ -250,9 +274,32 @@ export class PrimaryVolume implements BlockDevice {
     return io
   }
 
+  /**
+   * Keeps the activity log near its target size: when it is over, flush both replicas (so the
+   * idle extents' writes are durable on both) and cool the extents the core says are idle.
+   */
+  private async cool(): Promise<void> {
+    const target = this.options.hotExtentsTarget ?? hotExtentsTargetDefault
+    if (this.cooling || this.closing || this.needsResync !== undefined) return
+    if (this.core.hotExtents().length <= target || !this.core.isConnected) return
+    this.cooling = true
+    try {
+      if (this.core.coolable().length === 0) await this.flush()
+      const coolable = this.core.coolable()
+      if (coolable.length > 0 && !this.closing) {
+        this.events.push({ type: 'coolExtents', extents: coolable })
+      }
+    } catch (error) {
+      this.options.log.debug('cooling the activity log failed', { error: errorMessage(error) })
+    } finally {
+      this.cooling = false
+    }
+  }
+
   /** Stops reconnecting and closes the stream; requests still pending fail. */
   close(): void {
     this.closing = true
+    clearInterval(this.coolTimer)
     clearTimeout(this.reconnectTimer)
     this.stream?.close('SHUTTING_DOWN', 'volume closing')
     for (const [, request] of this.requests) {

@@ -3,7 +3,8 @@
  * a PrimaryVolume (what NBD clients use) and a SecondaryVolume. Proves that concurrent writes,
  * trims and zeroes end byte-identical on both replicas and equal to a model; that a write is
  * not reported done while the peer is unreachable; that a restarted peer (new incarnation) is
- * not trusted with re-sends; and that a corrupted payload is rejected, retried, and never applied.
+ * not trusted with re-sends; that a corrupted payload is rejected, retried, and never applied;
+ * that the initial sync fills a peer while writes continue; and that the activity log is cooled.
  */
 import t from 'tap'
 import fs from 'node:fs/promises'
@@ -37,7 +38,10 @@ function volumeOf(store: NodeStore): Volume {
   return volume
 }
 
-async function startPair(clientOptions: PeerLinkClientOptions = {}): Promise<Pair> {
+async function startPair(
+  clientOptions: PeerLinkClientOptions = {},
+  primaryOptions: { hotExtentsTarget?: number } = {},
+): Promise<Pair> {
   const root = await fs.mkdtemp(path.join(os.tmpdir(), 'duplex-repl-'))
   const a = await NodeStore.open(path.join(root, 'a'))
   const b = await NodeStore.open(path.join(root, 'b'))
@@ -95,6 +99,7 @@ async function startPair(clientOptions: PeerLinkClientOptions = {}): Promise<Pai
     client: pair.client,
     incarnation: newIncarnation(),
     log: silentLogger,
+    ...primaryOptions,
   })
   return pair
 }
@@ -211,3 +216,51 @@ void t.test(
     t.ok(onB.equals(onA), 'no corrupted byte reached the secondary')
   },
 )
+
+void t.test('sync copies the primary to an empty peer while writes continue', async (t) => {
+  const pair = await startPair()
+  t.teardown(() => pair.stop())
+  await waitFor(() => pair.primary.connected)
+  // Data the peer never saw: written to the primary's replica alone (as on a node whose peer
+  // was replaced by an empty one). Every other MiB, so holes are copied as holes.
+  const local = volumeOf(pair.a)
+  for (let mib = 0; mib < sizeBytes / MiB; mib += 2) {
+    await local.write(mib * MiB, Buffer.alloc(MiB, mib + 1), false)
+  }
+  const prng = new Prng(testSeed())
+  const writes: Promise<void>[] = []
+  const sync = pair.primary.sync([{ offset: 0, length: sizeBytes }])
+  for (let i = 0; i < 200; i++) {
+    const offset = prng.int(sizeBytes / 4096) * 4096
+    writes.push(pair.primary.write(offset, Buffer.alloc(4096, 0x80 + (i % 64)), false))
+    if (i % 20 === 0) await new Promise((resolve) => setImmediate(resolve))
+  }
+  await Promise.all([sync, ...writes])
+  await pair.primary.flush()
+  const onA = await volumeOf(pair.a).read(0, sizeBytes)
+  const onB = await volumeOf(pair.b).read(0, sizeBytes)
+  t.ok(onB.equals(onA), 'the replicas are identical after the sync and the concurrent writes')
+  t.equal(onA[MiB * 2], 3, 'the pre-existing data is there')
+})
+
+void t.test('the activity log is cooled once it grows past its target', async (t) => {
+  const pair = await startPair({}, { hotExtentsTarget: 1 })
+  t.teardown(() => pair.stop())
+  await waitFor(() => pair.primary.connected)
+  const extentBytes = 4 * MiB
+  for (let extent = 0; extent < sizeBytes / extentBytes; extent++) {
+    await pair.primary.write(extent * extentBytes, Buffer.alloc(4096, 7), false)
+  }
+  const activityLog = pair.a.activityLog('vol')
+  if (activityLog === undefined) throw new Error('no activity log')
+  t.equal((await activityLog.hotExtents()).length, 4, 'every written extent is durably hot')
+  let hot = 4
+  const start = Date.now()
+  while (hot > 1 && Date.now() - start < 10_000) {
+    await new Promise((resolve) => setTimeout(resolve, 200))
+    hot = (await activityLog.hotExtents()).length
+  }
+  t.ok(hot <= 1, `the idle extents were flushed and cooled (${hot} hot)`)
+  await pair.primary.write(0, Buffer.alloc(4096, 8), false)
+  t.ok((await activityLog.hotExtents()).includes(0), 'a new write heats its extent again')
+})
