@@ -286,7 +286,8 @@ export class PrimaryVolume implements BlockDevice {
     try {
       if (this.core.coolable().length === 0) await this.flush()
       const coolable = this.core.coolable()
-      if (coolable.length > 0 && !this.closing) {
+      // (closing may have been set while the flush ran)
+      if (coolable.length > 0 && !this.isClosing()) {
         this.events.push({ type: 'coolExtents', extents: coolable })
       }
     } catch (error) {
@@ -294,6 +295,10 @@ export class PrimaryVolume implements BlockDevice {
     } finally {
       this.cooling = false
     }
+  }
+
+  private isClosing(): boolean {
+    return this.closing
   }
 
   /** Stops reconnecting and closes the stream; requests still pending fail. */
