@@ -119,6 +119,10 @@ void t.test('hello: accepted with the peer incarnation, rejected with a typed er
   const stream = await client.openStream(hello(), handlers)
   t.same(stream.helloAck?.incarnation, server.incarnation)
   t.equal(stream.helloAck?.appliedSeq, 0)
+  t.ok(
+    server.windowsWidened,
+    'the HTTP/2 receive windows were widened (grpc-js internals unchanged)',
+  )
   const error = await client.openStream(hello('nope'), handlers).catch((e: unknown) => e)
   t.ok(error instanceof PeerLinkError)
   t.equal((error as PeerLinkError).code, 'HELLO_REJECTED')
