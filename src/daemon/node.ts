@@ -14,6 +14,7 @@ import { AdminSocketServer, adminSocketPath, performAdminRequest } from './admin
 import { MetricsServer } from '../metrics/http.js'
 import type { ClusterConfig } from './cluster-config.js'
 import { Replication } from './replication.js'
+import { replicationCodes } from '../replica/replication-types.js'
 import type { ReplicationOptions } from './replication.js'
 
 export interface NodeOptions {
@@ -177,16 +178,9 @@ function registerReplicationMetrics(registry: Registry, replication: Replication
       }
     },
   })
-  const codes = [
-    'EPOCH_STALE',
-    'EPOCH_AHEAD',
-    'WRONG_SENDER',
-    'CHECKSUM_MISMATCH',
-    'IO_ERROR',
-    'SEQ_OUT_OF_WINDOW',
-    'OUT_OF_ORDER',
-    'NOT_SECONDARY',
-  ]
+  // Op and flush refusals, plus the Hello refusal a primary gets from a node that is not its
+  // secondary (WRONG_SENDER and EPOCH_STALE count for Hellos too).
+  const codes = [...replicationCodes, 'NOT_SECONDARY']
   new Counter({
     name: 'duplex_replication_rejected_messages_total',
     help: 'Replication messages this replica refused (never applied), by reason',

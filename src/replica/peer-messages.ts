@@ -13,6 +13,7 @@ import { dirname, join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import protobuf from 'protobufjs'
 import { assert, assertSafeUint, unreachable } from '../core/assert.js'
+import { replicationCodes } from './replication-types.js'
 import type { OpKind, ReplicationCode } from './replication-types.js'
 
 /** The version this build speaks; a peer with another one is refused at Hello. */
@@ -150,15 +151,6 @@ const ResponseType = root.lookupType('duplex.v1.ReplicateResponse')
 
 const opKinds: readonly OpKind[] = ['write', 'trim', 'zero']
 
-const replicationCodes: readonly ReplicationCode[] = [
-  'EPOCH_STALE',
-  'EPOCH_AHEAD',
-  'WRONG_SENDER',
-  'CHECKSUM_MISMATCH',
-  'IO_ERROR',
-  'SEQ_OUT_OF_WINDOW',
-  'OUT_OF_ORDER',
-]
 const helloRejectCodes: readonly HelloRejectCode[] = [
   'VOLUME_NOT_FOUND',
   'EPOCH_STALE',

@@ -40,6 +40,17 @@ export type ReplicationCode =
   | 'SEQ_OUT_OF_WINDOW'
   | 'OUT_OF_ORDER'
 
+/** Every ReplicationCode, for codecs and metrics (the `satisfies` keeps it complete). */
+export const replicationCodes = [
+  'EPOCH_STALE',
+  'EPOCH_AHEAD',
+  'WRONG_SENDER',
+  'CHECKSUM_MISMATCH',
+  'IO_ERROR',
+  'SEQ_OUT_OF_WINDOW',
+  'OUT_OF_ORDER',
+] as const satisfies readonly ReplicationCode[]
+
 // ---------------------------------------------------------------------------------------------
 // Primary
 
