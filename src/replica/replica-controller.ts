@@ -15,8 +15,9 @@
  *   secondary; the target records the same and starts as primary. No client is disconnected.
  * - follow the writer: a primary whose writes come mostly from the peer's clients asks the peer
  *   to promote itself (follow-the-writer.ts decides when).
- * - peer restarted: the primary's volume failed its pending requests; it is replaced by a new one
- *   in a new epoch, which copies the hot extents to the peer again.
+ * - peer restarted: the primary's volume failed its pending requests (`PeerRestarted`); it is
+ *   replaced by a new one in a new epoch, which copies the hot extents to the peer again, and
+ *   the failed requests are issued again there: the client sees a pause, not an error.
  *
  * Initial sync: whenever the stream to the peer opens, the primary asks the peer for its state;
  * an Inconsistent peer gets every range of the volume (holes as punches) while I/O continues,
@@ -40,7 +41,7 @@ import type {
   PromoteReply,
   SyncCompleteRequest,
 } from './peer-control.js'
-import { PrimaryVolume, SecondaryVolume } from './replicated-volume.js'
+import { PeerRestarted, PrimaryVolume, SecondaryVolume } from './replicated-volume.js'
 import type { ByteRange } from './replicated-volume.js'
 import { decideRole } from './roles.js'
 import type { NodeStore, ReplicaRecord } from './store.js'
@@ -781,12 +782,16 @@ export class ReplicaController implements BlockDevice {
         })
         return
       } catch (error) {
-        // The peer is not primary yet (or any more): a role change is under way; try again.
+        // Try again once the role settles when a role change is under way: the peer is not
+        // primary yet (or any more), or the peer restarted and this node continues in a new
+        // epoch (the request was never acknowledged, so issuing it again there is safe: the
+        // old epoch's local writes finish before the new epoch starts).
         const retry =
-          source === 'local' &&
-          isDuplexError(error, 'UNAVAILABLE') &&
-          /is not the primary/.test(error.message) &&
-          performance.now() + forwardRetryMs < deadline
+          performance.now() + forwardRetryMs < deadline &&
+          (error instanceof PeerRestarted ||
+            (source === 'local' &&
+              isDuplexError(error, 'UNAVAILABLE') &&
+              /is not the primary/.test(error.message)))
         if (!retry) throw error
         await this.changed.wait(forwardRetryMs)
       }

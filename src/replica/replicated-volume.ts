@@ -65,6 +65,16 @@ export const hotExtentsTargetDefault = 64
 /** How often the primary looks at the size of its activity log. */
 const coolIntervalMs = 2000
 
+/**
+ * What pending requests fail with when the peer restarted and the owner (`onPeerRestarted`)
+ * continues in a new epoch: nothing was acknowledged, so the owner re-issues them there.
+ */
+export class PeerRestarted extends DuplexError {
+  constructor(message: string) {
+    super('UNAVAILABLE', message)
+  }
+}
+
 /** Reconnect backoff bounds for the primary's peer stream. */
 const reconnectDelayMsMin = 100
 const reconnectDelayMsMax = 2000
@@ -159,7 +169,8 @@ export class PrimaryVolume implements BlockDevice {
   private nextRequestId = 1
   private stream: PeerStream | undefined
   private peerIncarnation: Buffer | undefined
-  private needsResync: string | undefined
+  /** Set once nothing more can be acknowledged here; every request then fails with it. */
+  private failure: DuplexError | undefined
   private closing = false
   private reconnectDelayMs = reconnectDelayMsMin
   private reconnectTimer: NodeJS.Timeout | undefined
@@ -280,7 +291,7 @@ export class PrimaryVolume implements BlockDevice {
    */
   private async cool(): Promise<void> {
     const target = this.options.hotExtentsTarget ?? hotExtentsTargetDefault
-    if (this.cooling || this.closing || this.needsResync !== undefined) return
+    if (this.cooling || this.closing || this.failure !== undefined) return
     if (this.core.hotExtents().length <= target || !this.core.isConnected) return
     this.cooling = true
     try {
@@ -318,7 +329,7 @@ export class PrimaryVolume implements BlockDevice {
     data: Buffer | undefined,
     zero: ZeroOptions | undefined,
   ): Promise<void> {
-    if (this.needsResync !== undefined) throw new DuplexError('IO_ERROR', this.needsResync)
+    if (this.failure !== undefined) throw this.failure
     await this.admitted(op.kind, op.length)
     return new Promise((resolve, reject) => {
       const requestId = this.nextRequestId++
@@ -370,7 +381,7 @@ export class PrimaryVolume implements BlockDevice {
   }
 
   private async syncCopy(chunk: ByteRange & { hole: boolean }): Promise<void> {
-    if (this.needsResync !== undefined) throw new DuplexError('IO_ERROR', this.needsResync)
+    if (this.failure !== undefined) throw this.failure
     const kind = chunk.hole ? 'zero' : 'write'
     await this.admitted(kind, chunk.length)
     return new Promise((resolve, reject) => {
@@ -448,7 +459,10 @@ export class PrimaryVolume implements BlockDevice {
           },
           (error: unknown) => {
             this.fail(
-              `activity log of ${this.info.name} cannot be persisted: ${errorMessage(error)}`,
+              new DuplexError(
+                'IO_ERROR',
+                `activity log of ${this.info.name} cannot be persisted: ${errorMessage(error)}`,
+              ),
             )
           },
         )
@@ -552,10 +566,10 @@ export class PrimaryVolume implements BlockDevice {
   }
 
   /** Nothing safe is left to do for this volume: fail everything, acknowledge nothing more. */
-  private fail(reason: string): void {
-    this.options.log.error('replicated volume failed', { reason })
-    this.needsResync = reason
-    for (const [, request] of this.requests) request.reject(new DuplexError('IO_ERROR', reason))
+  private fail(failure: DuplexError): void {
+    this.options.log.error('replicated volume failed', { reason: failure.message })
+    this.failure = failure
+    for (const [, request] of this.requests) request.reject(failure)
     this.requests.clear()
     this.wakeAdmitWaiters()
   }
@@ -610,9 +624,11 @@ export class PrimaryVolume implements BlockDevice {
     }
     if (this.peerIncarnation !== undefined && !ack.incarnation.equals(this.peerIncarnation)) {
       stream.close('RESET', 'peer restarted')
+      const restarted = `the secondary of ${this.info.name} restarted`
       this.fail(
-        `the secondary of ${this.info.name} restarted: writes in flight fail, and the volume ` +
-          'continues in a new epoch once the hot extents are copied to it again',
+        this.options.onPeerRestarted === undefined
+          ? new DuplexError('IO_ERROR', `${restarted}; the replicas need a resync`)
+          : new PeerRestarted(`${restarted}; requests continue in a new epoch`),
       )
       this.options.onPeerRestarted?.()
       return
@@ -641,7 +657,7 @@ export class PrimaryVolume implements BlockDevice {
   }
 
   private scheduleReconnect(): void {
-    if (this.closing || this.needsResync !== undefined) return
+    if (this.closing || this.failure !== undefined) return
     clearTimeout(this.reconnectTimer)
     this.reconnectTimer = setTimeout(() => {
       this.connect()

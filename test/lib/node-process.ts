@@ -99,6 +99,8 @@ export interface StartNodeOptions {
   volumes?: { name: string; size: string }[]
   extraArgs?: string[]
   metrics?: boolean
+  /** Extra environment for the child (e.g. fault hooks), on top of this process's. */
+  env?: Record<string, string>
 }
 
 /** Creates volumes offline, starts `duplex node` on a free port, and waits for its ready line. */
@@ -122,7 +124,10 @@ export async function startNode(options: StartNodeOptions = {}): Promise<NodePro
   const args = [cliPath, 'node', '--name', name, '--data-dir', dataDir, '--listen', '127.0.0.1:0']
   if (options.metrics === true) args.push('--metrics-listen', '127.0.0.1:0')
   args.push(...(options.extraArgs ?? []))
-  const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'] })
+  const child = spawn(process.execPath, args, {
+    stdio: ['ignore', 'pipe', 'pipe'],
+    ...(options.env === undefined ? {} : { env: { ...process.env, ...options.env } }),
+  })
   let stderr = ''
   child.stderr.setEncoding('utf8')
   child.stderr.on('data', (text: string) => {
