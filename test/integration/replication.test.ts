@@ -427,3 +427,44 @@ t.test('a new empty replica is synced while writes continue', options, async (t)
   ])
   t.equal(r.code, 0, `node-b reads every pattern: ${detail(r)}`)
 })
+
+t.test(
+  'follow the writer: the primary role moves to the node whose clients write',
+  options,
+  async (t) => {
+    const pair = await startPair({
+      followTheWriter: { windowSeconds: 2, holdSeconds: 1, bytesMin: '2M' },
+    })
+    t.teardown(() => pair.destroy())
+    const before = await pair.status()
+    t.equal(
+      before.find((row) => row.node === 'node-a')?.role,
+      'primary',
+      'node-a starts as primary',
+    )
+
+    // A VM "migrated" to site-b: all writes now come through node-b and are forwarded to node-a.
+    const started = Date.now()
+    let moved = false
+    for (let i = 0; i < 40 && !moved; i++) {
+      const w = await qemuIo(pair.b.uri('vol'), [`write -P 0x${(0x30 + i).toString(16)} ${i}M 1M`])
+      t.equal(w.code, 0, `write ${i} through node-b: ${detail(w)}`)
+      moved = (await pair.status()).find((row) => row.node === 'node-b')?.role === 'primary'
+    }
+    t.ok(moved, `node-b became primary after ${Date.now() - started} ms of writes through it`)
+    t.match(pair.a.stderr(), /follow the writer: moving the primary role to the peer/)
+
+    // Writes through node-a alone for a short while must not move it back at once (hold time,
+    // byte floor), and nothing was lost across the move.
+    const r = await qemuIo(pair.a.uri('vol'), ['write -P 0x7f 60M 64k'])
+    t.equal(r.code, 0, detail(r))
+    const after = await pair.status()
+    t.equal(
+      after.find((row) => row.node === 'node-b')?.role,
+      'primary',
+      'a trickle does not move it back',
+    )
+    const cmp = await compare(pair)
+    t.equal(cmp.code, 0, `qemu-img compare A vs B: ${detail(cmp)}`)
+  },
+)
