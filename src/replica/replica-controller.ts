@@ -214,13 +214,11 @@ export class ReplicaController implements BlockDevice {
   // ---- BlockDevice (this node's NBD clients)
 
   read(offset: number, length: number): Promise<Buffer> {
-    return this.run(async (role) => {
-      if (role.type === 'secondary' && this.record.state !== 'UpToDate') {
-        const reply = await this.forward({ kind: 'read', offset, length })
-        return reply.data
-      }
-      return this.options.volume.read(offset, length)
-    })
+    return this.run((role) =>
+      role.type === 'secondary' && this.record.state !== 'UpToDate'
+        ? this.forward({ kind: 'read', offset, length }).then((reply) => reply.data)
+        : this.options.volume.read(offset, length),
+    )
   }
 
   cache(offset: number, length: number): Promise<void> {
@@ -744,15 +742,30 @@ export class ReplicaController implements BlockDevice {
   }
 
   /** Runs a client request with the role settled, counted so that a handover can drain. */
-  private async run<T>(fn: (role: Role) => Promise<T>): Promise<T> {
-    const role = await this.settled()
+  private run<T>(fn: (role: Role) => Promise<T>): Promise<T> {
+    const role = this.role
+    // The common case, on every request: settled already, no waiting (and no extra await).
+    if (role.type !== 'starting' && role.type !== 'closed' && this.gated === undefined) {
+      return this.runIn(role, fn)
+    }
+    return this.settled().then((settled) => this.runIn(settled, fn))
+  }
+
+  private runIn<T>(role: Role, fn: (role: Role) => Promise<T>): Promise<T> {
     this.inflight += 1
-    try {
-      return await fn(role)
-    } finally {
+    const done = (): void => {
       this.inflight -= 1
       if (this.inflight === 0) this.idle.notify()
     }
+    let result: Promise<T>
+    try {
+      result = fn(role)
+    } catch (error) {
+      done()
+      return Promise.reject(error instanceof Error ? error : new Error(String(error)))
+    }
+    result.then(done, done)
+    return result
   }
 
   private async drained(): Promise<void> {
