@@ -7,7 +7,7 @@ import { DuplexError } from '../core/errors.js'
 import { startNode } from '../daemon/node.js'
 import { readClusterConfig } from '../daemon/cluster-config.js'
 import { faultsFromEnvironment } from '../daemon/faults.js'
-import { formatEndpoint, parseEndpoint } from './endpoints.js'
+import { formatEndpoint, parseEndpoint } from '../core/endpoints.js'
 import { PAYLOAD_BYTES_MAX } from '../nbd/protocol.js'
 
 export interface NodeArgs {

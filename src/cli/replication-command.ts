@@ -9,7 +9,7 @@ import { findNode, readClusterConfig } from '../daemon/cluster-config.js'
 import type { ClusterConfig, ClusterNode } from '../daemon/cluster-config.js'
 import { PeerControlClient } from '../replica/peer-control.js'
 import type { DescribeReply } from '../replica/peer-control.js'
-import { formatEndpoint } from './endpoints.js'
+import { formatEndpoint } from '../core/endpoints.js'
 import { formatTable } from './output.js'
 
 function clientOf(node: ClusterNode): PeerControlClient {

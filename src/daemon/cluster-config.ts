@@ -34,7 +34,7 @@ import { isIP } from 'node:net'
 import { assert } from '../core/assert.js'
 import { DuplexError, errorMessage, isDuplexError } from '../core/errors.js'
 import { parseSize } from '../core/units.js'
-import { parseEndpoint } from '../cli/endpoints.js'
+import { parseEndpoint } from '../core/endpoints.js'
 import type { FollowTheWriterOptions } from '../replica/follow-the-writer.js'
 import { validateVolumeName, validateVolumeSize, volumeNameBytesMax } from '../replica/store.js'
 

@@ -1,5 +1,5 @@
 /** Parsing of HOST:PORT arguments, with errors that show the expected form. */
-import { DuplexError } from '../core/errors.js'
+import { DuplexError } from './errors.js'
 
 export interface Endpoint {
   host: string
