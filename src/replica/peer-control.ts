@@ -570,7 +570,8 @@ const syncCompleteRpc = rpc<SyncCompleteRequest, undefined>('SyncComplete', {
   readReply: () => undefined,
 })
 
-const peerService: grpc.ServiceDefinition = {
+/** The Peer service over raw bytes (our codecs do the decoding); tests build hostile peers on it. */
+export const peerService: grpc.ServiceDefinition = {
   Describe: method(describeRpc),
   Forward: method(forwardRpc),
   Handover: method(handoverRpc),

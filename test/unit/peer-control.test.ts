@@ -20,6 +20,7 @@ import {
   PeerControlClient,
   peerControlProtoPath,
   peerControlServerOptions,
+  peerService,
 } from '../../src/replica/peer-control.js'
 import type {
   DescribeReply,
@@ -451,18 +452,8 @@ async function hostilePeer(
   reply: (rpc: string, calls: number) => Uint8Array,
 ): Promise<{ client: PeerControlClient; calls: Map<string, number> }> {
   const calls = new Map<string, number>()
-  const definition: Record<string, grpc.MethodDefinition<Buffer, Buffer>> = {}
   const implementation: grpc.UntypedServiceImplementation = {}
-  for (const rpc of ['Describe', 'Forward', 'Handover', 'Promote', 'SyncComplete']) {
-    definition[rpc] = {
-      path: `/duplex.v1.Peer/${rpc}`,
-      requestStream: false,
-      responseStream: false,
-      requestSerialize: identity,
-      requestDeserialize: identity,
-      responseSerialize: identity,
-      responseDeserialize: identity,
-    }
+  for (const rpc of Object.keys(peerService)) {
     const handle: grpc.handleUnaryCall<Buffer, Buffer> = (_call, callback) => {
       const count = (calls.get(rpc) ?? 0) + 1
       calls.set(rpc, count)
@@ -471,7 +462,7 @@ async function hostilePeer(
     implementation[rpc] = handle
   }
   const server = new grpc.Server(peerControlServerOptions)
-  server.addService(definition, implementation)
+  server.addService(peerService, implementation)
   const client = new PeerControlClient(await bind(server))
   t.teardown(() => {
     client.close()
