@@ -29,6 +29,7 @@ export function exitCodeFor(code: ErrorCode): number {
     case 'STORE_LOCKED':
     case 'SHUTTING_DOWN':
     case 'UNAVAILABLE':
+    case 'NOT_PRIMARY':
       return ExitCode.BUSY
     case 'NO_SPACE':
     case 'READ_ONLY':

@@ -17,6 +17,7 @@ export type ErrorCode =
   | 'STORE_CORRUPT' // metadata that fails its own checks
   | 'IO_ERROR' // the local disk failed
   | 'SHUTTING_DOWN'
+  | 'NOT_PRIMARY' // a forwarded request reached a node that is not (or not yet) the primary
   | 'UNAVAILABLE' // cannot serve now, may later: peer unreachable, role changing, replica syncing
   | 'FAILED_PRECONDITION' // refused in the current state (e.g. promoting an Inconsistent replica)
   | 'CHECKSUM_MISMATCH' // a payload failed its xxh64 check; never applied

@@ -644,6 +644,7 @@ export function errnoFor(code: ErrorCode): number {
     case 'STORE_CORRUPT':
     case 'IO_ERROR':
     case 'UNAVAILABLE':
+    case 'NOT_PRIMARY':
     case 'FAILED_PRECONDITION':
     case 'CHECKSUM_MISMATCH':
       return Errno.EIO

@@ -167,6 +167,7 @@ const errorCodes = {
   IO_ERROR: true,
   SHUTTING_DOWN: true,
   UNAVAILABLE: true,
+  NOT_PRIMARY: true,
   FAILED_PRECONDITION: true,
   CHECKSUM_MISMATCH: true,
 } satisfies Record<ErrorCode, true>

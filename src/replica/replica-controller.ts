@@ -272,7 +272,7 @@ export class ReplicaController implements BlockDevice {
     const role = await this.settled()
     if (role.type !== 'primary') {
       throw new DuplexError(
-        'UNAVAILABLE',
+        'NOT_PRIMARY',
         `${this.options.nodeName} is not the primary of ${this.name} (role ${role.type})`,
       )
     }
@@ -773,42 +773,46 @@ export class ReplicaController implements BlockDevice {
   }
 
   private async mutate(mutation: Mutation, source: 'local' | 'forwarded'): Promise<void> {
-    const deadline = performance.now() + this.roleWaitMs
+    let deadline: number | undefined // taken at the first failure: none on the common path
     for (;;) {
       try {
-        await this.run(async (role) => {
-          if (role.type === 'primary') {
-            if (mutation.kind === 'write') {
-              this.policy.record(performance.now(), source, mutation.data.length)
-              if (source === 'forwarded') this.forwardedWrites += 1
-            }
-            await applyTo(role.device, mutation)
-            return
-          }
-          if (source === 'forwarded') {
-            throw new DuplexError(
-              'UNAVAILABLE',
-              `${this.options.nodeName} is not the primary of ${this.name}`,
-            )
-          }
-          await this.forward(toForward(mutation))
-        })
+        await this.run((role) => this.mutateAs(role, mutation, source))
         return
       } catch (error) {
         // Try again once the role settles when a role change is under way: the peer is not
         // primary yet (or any more), or the peer restarted and this node continues in a new
         // epoch (the request was never acknowledged, so issuing it again there is safe: the
         // old epoch's local writes finish before the new epoch starts).
+        deadline ??= performance.now() + this.roleWaitMs
         const retry =
           performance.now() + forwardRetryMs < deadline &&
           (error instanceof PeerRestarted ||
-            (source === 'local' &&
-              isDuplexError(error, 'UNAVAILABLE') &&
-              /is not the primary/.test(error.message)))
+            (source === 'local' && isDuplexError(error, 'NOT_PRIMARY')))
         if (!retry) throw error
         await this.changed.wait(forwardRetryMs)
       }
     }
+  }
+
+  private mutateAs(role: Role, mutation: Mutation, source: 'local' | 'forwarded'): Promise<void> {
+    if (role.type === 'primary') {
+      if (mutation.kind === 'write') {
+        if (this.options.followTheWriter !== false) {
+          this.policy.record(performance.now(), source, mutation.data.length)
+        }
+        if (source === 'forwarded') this.forwardedWrites += 1
+      }
+      return applyTo(role.device, mutation)
+    }
+    if (source === 'forwarded') {
+      return Promise.reject(
+        new DuplexError(
+          'NOT_PRIMARY',
+          `${this.options.nodeName} is not the primary of ${this.name}`,
+        ),
+      )
+    }
+    return this.forward(toForward(mutation)).then(() => undefined)
   }
 
   private forward(
