@@ -41,6 +41,8 @@ interface Peer {
 export class Replication implements ExportRegistry {
   private readonly controllers = new Map<string, ReplicaController>()
   private readonly peers = new Map<string, Peer>()
+  /** Volumes the cluster file places here that cannot be served (their size differs). */
+  private readonly refused = new Set<string>()
   private readonly server: PeerLinkServer
   private address: AddressInfo | undefined
 
@@ -71,7 +73,11 @@ export class Replication implements ExportRegistry {
         this.peers.set(peer.name, link)
       }
       const local = options.store.get(volume.name)
-      if (local === undefined) continue // created in start()
+      if (local?.info.sizeBytes !== volume.sizeBytes) {
+        // Not served at all: unreplicated it would take writes its peer never sees.
+        this.refused.add(volume.name)
+        continue
+      }
       this.controllers.set(
         volume.name,
         new ReplicaController(
@@ -120,11 +126,6 @@ export class Replication implements ExportRegistry {
       }
     }
     const replication = new Replication(options)
-    for (const { volume } of volumesOfNode(config, nodeName)) {
-      if (store.get(volume.name)?.info.sizeBytes !== volume.sizeBytes) {
-        replication.controllers.delete(volume.name)
-      }
-    }
     await addPeerControlService(replication.server.grpcServer, replication.handlers(), log)
     const port = await replication.server.listen(self.replication.host, self.replication.port)
     replication.address = {
@@ -151,14 +152,15 @@ export class Replication implements ExportRegistry {
   // ExportRegistry: replicated volumes through their controller, the others straight from the store.
 
   list(): ExportInfo[] {
-    return this.options.store.list()
+    return this.options.store.list().filter((info) => !this.refused.has(info.name))
   }
 
   find(name: string): ExportInfo | undefined {
-    return this.options.store.find(name)
+    return this.refused.has(name) ? undefined : this.options.store.find(name)
   }
 
   attach(name: string): Attachment | undefined {
+    if (this.refused.has(name)) return undefined
     const attachment = this.options.store.attach(name)
     const controller = this.controllers.get(name)
     if (attachment === undefined || controller === undefined) return attachment
