@@ -14,8 +14,10 @@
  * IO_ERROR and a failed transport (no connection, deadline, cancellation: any gRPC status) with
  * UNAVAILABLE.
  */
+import { dirname, isAbsolute, join } from 'node:path'
+import { fileURLToPath } from 'node:url'
 import * as grpc from '@grpc/grpc-js'
-import type protobuf from 'protobufjs'
+import protobuf from 'protobufjs'
 import { assert } from './assert.js'
 import { DuplexError, errorMessage } from './errors.js'
 import type { ErrorCode } from './errors.js'
@@ -96,6 +98,22 @@ export function textProblem(
 
 export function nameProblem(value: string, name: string, required = true): Problem {
   return textProblem(value, name, nameBytesMax, required)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Schemas
+
+/** dist/src/core/unary-rpc.js -> proto/ at the repository (or package) root. */
+export const protoDir = join(dirname(fileURLToPath(import.meta.url)), '../../../proto')
+
+/**
+ * Load `file` (e.g. "duplex/v1/peer.proto") and its imports, all relative to `protoDir` as
+ * with `protoc -I proto`.
+ */
+export function loadProto(file: string): protobuf.Root {
+  const root = new protobuf.Root()
+  root.resolvePath = (_origin, target) => (isAbsolute(target) ? target : join(protoDir, target))
+  return root.loadSync(file)
 }
 
 // ---------------------------------------------------------------------------------------------

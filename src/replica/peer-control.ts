@@ -22,10 +22,7 @@
  *   rejects with CHECKSUM_MISMATCH: corrupt bytes never reach a handler or a caller.
  * - Deadlines: one per call (`peerControlDeadlineMsDefault` unless told), covering its retries.
  */
-import { dirname, join } from 'node:path'
-import { fileURLToPath } from 'node:url'
 import type * as grpc from '@grpc/grpc-js'
-import protobuf from 'protobufjs'
 import { assert } from '../core/assert.js'
 import { DuplexError } from '../core/errors.js'
 import type { Logger } from '../core/log.js'
@@ -55,6 +52,7 @@ import {
   unary,
   UnaryClient,
   encodeMessage,
+  loadProto,
 } from '../core/unary-rpc.js'
 import type { Problem, Rpc, RpcCodec } from '../core/unary-rpc.js'
 import { peerKeepaliveTimeMs, peerKeepaliveTimeoutMs, peerMessageBytesMax } from './peer-link.js'
@@ -233,13 +231,9 @@ function syncCompleteRequestProblem(request: SyncCompleteRequest): Problem {
 // ---------------------------------------------------------------------------------------------
 // Schema
 
-/** dist/src/replica/peer-control.js -> proto/ at the repository (or package) root. */
-export const peerControlProtoPath = join(
-  dirname(fileURLToPath(import.meta.url)),
-  '../../../proto/duplex/v1/peer.proto',
-)
-
-const root = protobuf.loadSync(peerControlProtoPath)
+/** The Peer service's schema (tests encode raw messages with it). */
+export const peerControlProto = loadProto('duplex/v1/peer.proto')
+const root = peerControlProto
 
 function rpc<Request, Reply>(name: string, codec: RpcCodec<Request, Reply>): Rpc<Request, Reply> {
   return unaryRpc(root, 'duplex.v1.Peer', name, codec)

@@ -18,7 +18,7 @@ import {
   forwardChecksumRetriesMax,
   forwardDataBytesMax,
   PeerControlClient,
-  peerControlProtoPath,
+  peerControlProto,
   peerControlServerOptions,
   peerService,
 } from '../../src/replica/peer-control.js'
@@ -36,7 +36,7 @@ import type {
 } from '../../src/replica/peer-control.js'
 import { loadXxh64 } from '../../src/replica/xxh64.js'
 
-const root = protobuf.loadSync(peerControlProtoPath)
+const root = peerControlProto
 const messageType = (name: string): protobuf.Type => root.lookupType(`duplex.v1.${name}`)
 const identity = (buffer: Buffer): Buffer => buffer
 
