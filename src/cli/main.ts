@@ -10,11 +10,13 @@ process.env.UV_THREADPOOL_SIZE ??= '16'
 import yargs from 'yargs'
 import { hideBin } from 'yargs/helpers'
 import { runNodeCommand } from './node-command.js'
+import { runWitnessCommand } from './witness-command.js'
 import { createVolume, deleteVolume, listVolumes } from './volume-command.js'
 import { runDemo } from './demo.js'
 import { promoteVolume, replicationStatus } from './replication-command.js'
 import { ExitCode, reportError } from './output.js'
 import { DuplexError } from '../core/errors.js'
+import { nodeLeaseDefaults } from '../witness/lease.js'
 
 async function main(argv: string[]): Promise<number> {
   let result: Promise<number> = Promise.resolve(ExitCode.OK)
@@ -63,6 +65,44 @@ async function main(argv: string[]): Promise<number> {
             metricsListen: a['metrics-listen'],
             blockSizeMin: a['block-size-min'],
             cluster: a.cluster,
+          }),
+        )
+      },
+    )
+    .command(
+      'witness',
+      'run the witness daemon (third site) in the foreground',
+      (y) =>
+        y
+          .option('data-dir', {
+            type: 'string',
+            demandOption: true,
+            describe: 'witness state directory',
+          })
+          .option('listen', {
+            type: 'string',
+            default: '127.0.0.1:10900',
+            describe: 'gRPC HOST:PORT for nodes and admins',
+          })
+          .option('metrics-listen', { type: 'string', describe: 'HOST:PORT for /metrics' })
+          .option('name', {
+            type: 'string',
+            default: 'witness',
+            describe: 'name in logs and metrics',
+          })
+          .option('lease-ms', {
+            type: 'number',
+            default: nodeLeaseDefaults.leaseMs,
+            describe: 'node lease length; nodes learn it from the witness',
+          }),
+      (a) => {
+        run(() =>
+          runWitnessCommand({
+            name: a.name,
+            dataDir: a['data-dir'],
+            listen: a.listen,
+            metricsListen: a['metrics-listen'],
+            leaseMs: a['lease-ms'],
           }),
         )
       },

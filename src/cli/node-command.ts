@@ -9,6 +9,7 @@ import { readClusterConfig } from '../daemon/cluster-config.js'
 import { faultsFromEnvironment } from '../daemon/faults.js'
 import { formatEndpoint, parseEndpoint } from '../core/endpoints.js'
 import { PAYLOAD_BYTES_MAX } from '../nbd/protocol.js'
+import { runUntilStopped } from './foreground.js'
 
 export interface NodeArgs {
   name: string
@@ -56,39 +57,5 @@ export async function runNodeCommand(args: NodeArgs): Promise<number> {
   process.stdout.write(`${args.name} listening ${nbd}${metrics}${replication}\n`)
   log.info('serving', { nbd, dataDir: args.dataDir })
 
-  return new Promise((resolve) => {
-    let stopping = false
-    const finish = (code: number): void => {
-      // An IPC channel from a supervisor keeps the event loop alive: let go of it.
-      if (process.connected) process.disconnect()
-      resolve(code)
-    }
-    const stop = (why: string): void => {
-      stopping = true
-      log.info('stopping', { why })
-      node.stop().then(
-        () => {
-          finish(0)
-        },
-        (error: unknown) => {
-          log.error('unclean stop', { error: String(error) })
-          finish(1)
-        },
-      )
-    }
-    const onSignal = (signal: NodeJS.Signals): void => {
-      if (!stopping) {
-        stop(signal)
-        return
-      }
-      log.warn('second signal: exiting without waiting for in-flight requests', { signal })
-      process.exit(1)
-    }
-    process.on('SIGTERM', onSignal)
-    process.on('SIGINT', onSignal)
-    // Started by a supervisor with an IPC channel (duplex demo): stop when it goes away.
-    process.on('disconnect', () => {
-      if (!stopping) stop('supervisor gone')
-    })
-  })
+  return runUntilStopped(() => node.stop(), log)
 }

@@ -23,7 +23,7 @@ import { constants } from 'node:fs'
 import { mkdir, open, readdir, unlink } from 'node:fs/promises'
 import type { FileHandle } from 'node:fs/promises'
 import { join } from 'node:path'
-import fsx from 'fs-native-extensions'
+import { lockDirectory } from '../core/dir-lock.js'
 import { assert } from '../core/assert.js'
 import { DuplexError, errorMessage } from '../core/errors.js'
 import type { Attachment, ExportInfo, ExportRegistry } from '../nbd/exports.js'
@@ -129,15 +129,9 @@ export class NodeStore implements ExportRegistry {
   static async open(dataDir: string, options: NodeStoreOptions = {}): Promise<NodeStore> {
     await mkdir(join(dataDir, 'volumes'), { recursive: true })
     await mkdir(join(dataDir, 'meta'), { recursive: true })
-    const lockHandle = await open(join(dataDir, 'lock'), 'a')
+    const lockHandle = await lockDirectory(dataDir, 'duplex node')
     let meta: MetaStore | undefined
     try {
-      if (!fsx.tryLock(lockHandle.fd)) {
-        throw new DuplexError(
-          'STORE_LOCKED',
-          `data directory ${dataDir} is in use by another process (is a duplex node already running?)`,
-        )
-      }
       meta = await RocksMetaStore.open(join(dataDir, 'meta'))
       const report: OpenReport = { orphanFilesRemoved: [], orphanAllocationKeysRemoved: 0 }
       const store = new NodeStore(dataDir, lockHandle, meta, options.chunkBytes, report)

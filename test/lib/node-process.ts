@@ -78,19 +78,11 @@ export async function missingTools(tools: string[]): Promise<string | undefined>
   return reason
 }
 
-export interface NodeProcess {
+export interface NodeProcess extends DaemonProcess {
   name: string
   dataDir: string
   port: number
-  metricsPort: number | undefined
-  child: ChildProcess
   uri(volume: string): string
-  stderr(): string
-  /** SIGTERM and wait for exit; returns the exit code (null if killed by a signal). */
-  stop(): Promise<number | null>
-  /** SIGKILL and wait. */
-  kill(): Promise<void>
-  exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>
 }
 
 export interface StartNodeOptions {
@@ -121,12 +113,43 @@ export async function startNode(options: StartNodeOptions = {}): Promise<NodePro
       throw new Error(`volume create failed: ${created.stderr}`)
     }
   }
-  const args = [cliPath, 'node', '--name', name, '--data-dir', dataDir, '--listen', '127.0.0.1:0']
+  const args = ['node', '--name', name, '--data-dir', dataDir, '--listen', '127.0.0.1:0']
   if (options.metrics === true) args.push('--metrics-listen', '127.0.0.1:0')
   args.push(...(options.extraArgs ?? []))
-  const child = spawn(process.execPath, args, {
+  const daemon = await spawnDaemon('duplex node', args, options.env)
+  const port = Number(/nbd:\/\/[^\s]*:(\d+)/.exec(daemon.ready)?.[1])
+  return {
+    ...daemon,
+    name,
+    dataDir,
+    port,
+    uri: (volume) => `nbd://127.0.0.1:${port}/${volume}`,
+  }
+}
+
+/** A running daemon process started by the helpers below. */
+export interface DaemonProcess {
+  child: ChildProcess
+  /** Its ready line. */
+  ready: string
+  metricsPort: number | undefined
+  stderr(): string
+  /** SIGTERM and wait for exit; returns the exit code (null if killed by a signal). */
+  stop(): Promise<number | null>
+  /** SIGKILL and wait. */
+  kill(): Promise<void>
+  exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>
+}
+
+/** Spawns `duplex ARGS` and waits for its ready line (the first line on stdout). */
+export async function spawnDaemon(
+  what: string,
+  args: string[],
+  env?: Record<string, string>,
+): Promise<DaemonProcess> {
+  const child = spawn(process.execPath, [cliPath, ...args], {
     stdio: ['ignore', 'pipe', 'pipe'],
-    ...(options.env === undefined ? {} : { env: { ...process.env, ...options.env } }),
+    ...(env === undefined ? {} : { env: { ...process.env, ...env } }),
   })
   let stderr = ''
   child.stderr.setEncoding('utf8')
@@ -142,24 +165,19 @@ export async function startNode(options: StartNodeOptions = {}): Promise<NodePro
   const ready = await Promise.race([
     new Promise<string>((resolve) => lines.once('line', resolve)),
     exited.then(({ code }) => {
-      throw new Error(`duplex node exited with ${code ?? 'signal'} before ready:\n${stderr}`)
+      throw new Error(`${what} exited with ${code ?? 'signal'} before ready:\n${stderr}`)
     }),
     new Promise<never>((_, reject) =>
       setTimeout(() => {
-        reject(new Error(`duplex node not ready after 30 s:\n${stderr}`))
+        reject(new Error(`${what} not ready after 30 s:\n${stderr}`))
       }, 30_000).unref(),
     ),
   ])
-  const port = Number(/nbd:\/\/[^\s]*:(\d+)/.exec(ready)?.[1])
   const metricsMatch = /metrics http:\/\/[^\s]*:(\d+)/.exec(ready)
-  const metricsPort = metricsMatch ? Number(metricsMatch[1]) : undefined
   return {
-    name,
-    dataDir,
-    port,
-    metricsPort,
     child,
-    uri: (volume) => `nbd://127.0.0.1:${port}/${volume}`,
+    ready,
+    metricsPort: metricsMatch ? Number(metricsMatch[1]) : undefined,
     stderr: () => stderr,
     exited,
     async stop() {
@@ -171,6 +189,25 @@ export async function startNode(options: StartNodeOptions = {}): Promise<NodePro
       await exited
     },
   }
+}
+
+export interface WitnessProcess extends DaemonProcess {
+  dataDir: string
+  /** HOST:PORT of its gRPC service. */
+  address: string
+}
+
+/** Starts `duplex witness` on a free port (or `listen`), with metrics, and waits until it serves. */
+export async function startWitness(
+  options: { dataDir?: string; listen?: string; extraArgs?: string[] } = {},
+): Promise<WitnessProcess> {
+  const dataDir = options.dataDir ?? (await tempDir('duplex-witness-'))
+  const args = ['witness', '--data-dir', dataDir, '--listen', options.listen ?? '127.0.0.1:0']
+  args.push('--metrics-listen', '127.0.0.1:0', ...(options.extraArgs ?? []))
+  const daemon = await spawnDaemon('duplex witness', args)
+  const address = / witness (\S+)/.exec(daemon.ready)?.[1]
+  if (address === undefined) throw new Error(`unexpected ready line: ${daemon.ready}`)
+  return { ...daemon, dataDir, address }
 }
 
 /** A port with `count` consecutive free ports starting at it (best effort: another process may race us). */
