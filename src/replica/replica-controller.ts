@@ -597,8 +597,8 @@ export class ReplicaController implements BlockDevice {
       bytes: this.syncBytesTotal,
     })
     try {
-      await device.sync(ranges, (bytes) => {
-        this.syncBytesDone += bytes
+      await device.sync(ranges, (range) => {
+        this.syncBytesDone += range.length
       })
       await device.flush()
       if (full) {

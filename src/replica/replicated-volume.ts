@@ -54,6 +54,7 @@ import type {
   SecondaryEffect,
   SecondaryEvent,
 } from './replication.js'
+import type { DirtyMap } from './dirty-map.js'
 import type { Volume } from './volume.js'
 
 /**
@@ -153,6 +154,11 @@ export interface PrimaryVolumeOptions {
   /** Hot extents to keep at most (see hotExtentsTargetDefault). */
   hotExtentsTarget?: number
   /**
+   * Degraded: the witness granted this node sole ownership of `epoch`. No peer stream; writes
+   * complete locally and their ranges are marked in `dirty` (which the owner persists).
+   */
+  degraded?: { dirty: DirtyMap }
+  /**
    * The peer process restarted: its replication memory is gone, so this volume acknowledges
    * nothing more (every pending request failed). The owner replaces it with a new one in a
    * new epoch once `idle()` resolves.
@@ -185,7 +191,11 @@ export class PrimaryVolume implements BlockDevice {
     hotExtents: number[],
   ) {
     this.info = options.local.info
-    this.core = new PrimaryReplication({ epoch: options.epoch, hotExtents })
+    this.core = new PrimaryReplication({
+      epoch: options.epoch,
+      hotExtents,
+      degraded: options.degraded !== undefined,
+    })
     this.events = new EventQueue((event) => {
       this.perform(this.core.step(event))
     })
@@ -194,7 +204,7 @@ export class PrimaryVolume implements BlockDevice {
   /** Loads the persisted activity log and starts connecting to the secondary. */
   static async start(options: PrimaryVolumeOptions): Promise<PrimaryVolume> {
     const volume = new PrimaryVolume(options, await options.activityLog.hotExtents())
-    volume.connect()
+    if (options.degraded === undefined) volume.connect()
     volume.coolTimer = setInterval(() => {
       void volume.cool()
     }, coolIntervalMs)
@@ -343,15 +353,15 @@ export class PrimaryVolume implements BlockDevice {
    * empty or Inconsistent peer). Holes and zeroes are sent as hole punches, data in 1 MiB copies;
    * each copy is ordered against client writes by the core, so a client write to the same range
    * lands on the peer after the copy. Resolves once every copy is acknowledged by the peer.
-   * `onCopied` reports progress in bytes of the volume covered.
+   * `onCopied` reports each range copied (both replicas hold it, not yet flushed).
    */
-  async sync(ranges: readonly ByteRange[], onCopied?: (bytes: number) => void): Promise<void> {
+  async sync(ranges: readonly ByteRange[], onCopied?: (range: ByteRange) => void): Promise<void> {
     const chunks = await this.syncPlan(ranges)
     let next = 0
     const worker = async (): Promise<void> => {
       for (let chunk = chunks[next++]; chunk !== undefined; chunk = chunks[next++]) {
         await this.syncCopy(chunk)
-        onCopied?.(chunk.length)
+        onCopied?.({ offset: chunk.offset, length: chunk.length })
       }
     }
     await Promise.all(Array.from({ length: syncParallel }, worker))
@@ -509,6 +519,9 @@ export class PrimaryVolume implements BlockDevice {
         return
       case 'sendFlushToPeer':
         if (this.stream?.isOpen === true) this.stream.sendFlush(effect.epoch, effect.flushId)
+        return
+      case 'markDirty':
+        this.options.degraded?.dirty.mark(effect.offset, effect.length)
         return
       case 'disconnectPeer':
         this.options.log.warn('dropping the peer stream', { code: effect.code })

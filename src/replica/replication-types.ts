@@ -84,6 +84,8 @@ export type ReplyEffect =
 
 export type PrimaryEffect =
   | ({ type: 'persistActivityLog' } & ActivityLogTx)
+  /** Degraded only, before the range's writeLocal: the peer lacks this range (dirty bitmap). */
+  | { type: 'markDirty'; offset: number; length: number }
   | ({ type: 'writeLocal'; requestId: RequestId } & BlockOp)
   | ({ type: 'sendToPeer'; epoch: number; seq: number; requestId: RequestId } & BlockOp)
   | { type: 'flushLocal'; flushId: number }

@@ -43,9 +43,12 @@
  *   every request fails with that code. EPOCH_AHEAD, SEQ_OUT_OF_WINDOW, OUT_OF_ORDER drop the
  *   link (`disconnectPeer`). Activity-log persistence failures are not events: the driver
  *   crashes (a synced metadata write that fails leaves nothing safe to do).
- * - Extension point for issue 4 (degraded mode): `degraded` is never set yet. Once the witness
- *   grants sole ownership (a new epoch), a degraded primary will complete writes on the local
- *   completion alone and mark them in the dirty bitmap; until then a lost peer blocks replies.
+ * - Degraded (`degraded: true`, for an epoch in which the witness granted this replica sole
+ *   ownership): nothing is sent to a peer; a write completes on its local completion alone and
+ *   is reported as `markDirty` before its `writeLocal` (the driver records it in the dirty
+ *   bitmap, which the resync of the returning peer copies); a flush is a local flush. Ordering,
+ *   the activity log and back-pressure are unchanged. Without the grant a lost peer blocks
+ *   replies.
  *
  * ## SecondaryReplication (this replica is secondary in `epoch`, fed by `primary`)
  *
@@ -109,6 +112,8 @@ export interface PrimaryOptions {
   peerRetriesMax?: number
   /** Extents the persisted activity log holds hot (loaded at start). */
   hotExtents?: Iterable<number>
+  /** Sole owner by a witness grant: complete on the local side alone, report `markDirty`. */
+  degraded?: boolean
 }
 
 type WritePhase = 'range' | 'activityLog' | 'window' | 'issued'
@@ -150,8 +155,8 @@ export class PrimaryReplication {
   readonly inflightBytesMax: number
   readonly seqWindowMax: number
   readonly peerRetriesMax: number
-  /** Issue 4: set once the witness grants sole ownership; never set yet. */
-  readonly degraded = false
+  /** Sole owner: no peer; writes complete locally and are reported dirty. */
+  readonly degraded: boolean
   readonly counters: PrimaryCounters = {
     staleAcks: 0,
     unknownAcks: 0,
@@ -195,6 +200,7 @@ export class PrimaryReplication {
     this.inflightBytesMax = options.inflightBytesMax ?? replicationInflightBytesMaxDefault
     this.seqWindowMax = options.seqWindowMax ?? replicationSeqWindowMaxDefault
     this.peerRetriesMax = options.peerRetriesMax ?? replicationPeerRetriesMaxDefault
+    this.degraded = options.degraded ?? false
     assert(this.extentBytes > 0 && Number.isSafeInteger(this.extentBytes), 'extentBytes')
     assert(Number.isSafeInteger(this.inflightOpsMax) && this.inflightOpsMax >= 1, 'inflightOpsMax')
     assert(this.inflightBytesMax >= 1, 'inflightBytesMax')
@@ -352,7 +358,8 @@ export class PrimaryReplication {
     this.flushes.set(flush.flushId, flush)
     this.flushRequests.add(flush.requestId)
     this.out.push({ type: 'flushLocal', flushId: flush.flushId })
-    if (this.connected) this.sendFlush(flush)
+    if (this.degraded) flush.peer = 'ok'
+    else if (this.connected) this.sendFlush(flush)
     return this.drain()
   }
 
@@ -462,6 +469,7 @@ export class PrimaryReplication {
   /** The peer stream is up again in the same epoch, with the same peer incarnation. */
   peerConnected(): PrimaryEffect[] {
     assert(!this.connected, 'peerConnected while connected')
+    assert(!this.degraded, 'a degraded primary has no peer stream')
     this.connected = true
     if (this.fencedBy !== undefined) return this.drain()
     for (const write of this.unacked.values()) {
@@ -564,6 +572,13 @@ export class PrimaryReplication {
   private issue(write: PrimaryWrite): void {
     write.phase = 'issued'
     write.seq = this.nextSeq++
+    if (this.degraded) {
+      const { offset, length } = write.request
+      write.peer = 'ok'
+      this.out.push({ type: 'markDirty', offset, length })
+      this.out.push({ type: 'writeLocal', ...write.request })
+      return
+    }
     this.unacked.set(write.seq, write)
     this.out.push({ type: 'writeLocal', ...write.request })
     if (this.connected) this.send(write)

@@ -6,6 +6,7 @@
  *   DATA/lock               held (OFD lock, `tryLock`) for the store's lifetime: one process only
  *   DATA/meta/              RocksDB: `volume/<name>` -> VolumeRecord JSON, `alloc/<id>/<segment>`,
  *                           `replica/<name>` -> ReplicaRecord JSON (replicated volumes only)
+ *                           `dirty/<name>` -> dirty bitmap of a degraded volume (dirty-map.ts)
  *   DATA/volumes/<id>.data  one sparse file per volume, as long as the volume
  *
  * Crash safety of the admin operations (each step durable before the next):
@@ -43,6 +44,7 @@ const volumeIdPattern = /^[0-9a-f]{16}$/
 const dataFilePattern = /^([0-9a-f]{16})\.data$/
 const volumeKeyPrefix = 'volume/'
 const replicaKeyPrefix = 'replica/'
+const dirtyKeyPrefix = 'dirty/'
 
 /**
  * The replication role of this node's replica, persisted (synced) before it takes effect:
@@ -209,6 +211,23 @@ export class NodeStore implements ExportRegistry {
     })
   }
 
+  /** The persisted dirty bitmap of a volume (undefined: none, i.e. nothing is dirty). */
+  async dirtyBits(name: string): Promise<Buffer | undefined> {
+    return this.meta.get(dirtyKey(name))
+  }
+
+  /** Persists a volume's dirty bitmap (an empty one deletes it); `sync` makes it durable first. */
+  async setDirtyBits(name: string, bits: Uint8Array, sync: boolean): Promise<void> {
+    if (!this.entries.has(name)) {
+      throw new DuplexError('VOLUME_NOT_FOUND', `volume ${name} does not exist`)
+    }
+    const empty = bits.every((byte) => byte === 0)
+    const op: MetaOp = empty
+      ? { type: 'del', key: dirtyKey(name) }
+      : { type: 'put', key: dirtyKey(name), value: Buffer.from(bits) }
+    await this.meta.batch([op], { sync })
+  }
+
   attachmentCount(name: string): number {
     return this.entries.get(name)?.attachments ?? 0
   }
@@ -272,6 +291,7 @@ export class NodeStore implements ExportRegistry {
       const ops: MetaOp[] = [
         { type: 'del', key: volumeKey(name) },
         { type: 'del', key: replicaKey(name) },
+        { type: 'del', key: dirtyKey(name) },
       ]
       for (const prefix of [allocationKeyPrefix(id), activityLogPrefix(id)]) {
         for await (const [key] of this.meta.scan(prefix)) ops.push({ type: 'del', key })
@@ -418,6 +438,10 @@ function volumeKey(name: string): string {
 
 function replicaKey(name: string): string {
   return replicaKeyPrefix + name
+}
+
+function dirtyKey(name: string): string {
+  return dirtyKeyPrefix + name
 }
 
 function parseReplica(key: string, value: Buffer): ReplicaRecord {

@@ -31,6 +31,8 @@ function show(effects: (PrimaryEffect | SecondaryEffect)[]): string[] {
         return `sendFlushToPeer e${e.epoch} f${e.flushId}`
       case 'disconnectPeer':
         return `disconnectPeer ${e.code}`
+      case 'markDirty':
+        return `markDirty ${e.offset}+${e.length}`
       case 'reply':
         return `reply r${e.requestId} ${e.ok ? 'ok' : e.code}`
       case 'ack':
@@ -266,7 +268,37 @@ void t.test('primary: disconnect keeps writes pending; reconnect re-sends in seq
   t.same(show(p.peerAck({ epoch: 7, seq: 3 })), ['reply r4 ok'])
   t.same(show(p.peerAck({ epoch: 7, seq: 1 })), ['reply r1 ok'])
   t.same(show(p.peerFlushAck({ epoch: 7, flushId: 1 })), ['reply r3 ok'])
-  t.equal(p.degraded, false, 'degraded mode is issue 4')
+  t.equal(p.degraded, false)
+  t.end()
+})
+
+void t.test('primary, degraded: no peer, writes complete locally and are marked dirty', (t) => {
+  const p = new PrimaryReplication({
+    epoch: 9,
+    extentBytes: 1024 * KiB,
+    hotExtents: [0],
+    degraded: true,
+  })
+  t.same(show(p.clientWrite(w(1, 0, 4096))), ['markDirty 0+4096', 'writeLocal r1 write@0+4096'])
+  t.same(show(p.clientWrite(w(2, 2048, 4096))), [], 'overlaps still wait their turn')
+  t.same(show(p.localDone({ requestId: 1, ok: true })), [
+    'reply r1 ok',
+    'markDirty 2048+4096',
+    'writeLocal r2 write@2048+4096',
+  ])
+  t.same(show(p.clientFlush({ requestId: 3 })), ['flushLocal f1'], 'a flush is local only')
+  t.same(show(p.localFlushDone({ flushId: 1, ok: true })), ['reply r3 ok'])
+  t.same(show(p.localDone({ requestId: 2, ok: false })), ['reply r2 IO_ERROR'])
+  t.same(
+    show(p.clientWrite(w(4, 2048 * KiB, 4096))),
+    ['persistActivityLog hot=[2] cold=[]'],
+    'the activity log still runs',
+  )
+  t.same(show(p.activityLogPersisted({ extents: [2], coldExtents: [] })), [
+    'markDirty 2097152+4096',
+    'writeLocal r4 write@2097152+4096',
+  ])
+  t.throws(() => p.peerConnected(), /no peer stream/)
   t.end()
 })
 
