@@ -5,16 +5,19 @@
  * `ClusterConfig` and never sees the JSON.
  *
  *   {
+ *     "witness": "127.0.0.1:10900",
  *     "nodes": [
  *       { "name": "node-a", "domain": "site-a", "replication": "127.0.0.1:10810" },
  *       { "name": "node-b", "domain": "site-b", "replication": "127.0.0.1:10820" }
  *     ],
  *     "volumes": [
  *       { "name": "demo", "size": "1G", "replicas": ["node-a", "node-b"], "primary": "node-a",
- *         "followTheWriter": false }
+ *         "followTheWriter": false, "onLostQuorum": "error" }
  *     ]
  *   }
  *
+ * - `witness` (optional): HOST:PORT of the witness (third site). Without one, a replica that
+ *   loses its peer waits for it (nothing is acknowledged alone, and nothing fails over).
  * - `nodes` (at least one): `name` and `domain` follow the volume name rule (1-64 characters of
  *   a-z, 0-9, '.', '_', '-', starting with a letter or digit); names are unique. `replication` is
  *   the HOST:PORT the peers connect to: IPv4, hostname or [IPv6], port 1-65535, not a wildcard
@@ -22,7 +25,10 @@
  * - `volumes` (may be empty): `name` valid and unique; `size` as "1G"/"512MiB" or a number of
  *   bytes, a valid volume size; `replicas` exactly two distinct known nodes in different failure
  *   domains; `primary` one of them; `followTheWriter` optional: false (default), true, or
- *   `{ "windowSeconds", "holdSeconds", "shareMin", "bytesMin" }` to tune the policy.
+ *   `{ "windowSeconds", "holdSeconds", "shareMin", "bytesMin" }` to tune the policy;
+ *   `onLostQuorum` optional: what I/O does while this node's replica may not serve (its peer and
+ *   the witness are out of reach): "error" (default: fail with EIO so the hypervisor's HA can
+ *   act) or "suspend" (hold requests until service is possible again).
  * - Unknown keys anywhere are errors: a typo must not silently fall back to a default.
  *
  * Every problem is an INVALID_ARGUMENT whose message starts with the file and the JSON path of
@@ -51,16 +57,22 @@ export interface ClusterVolume {
   primary: string
   /** false: the primary stays put; otherwise the policy's settings (see follow-the-writer.ts). */
   followTheWriter: false | FollowTheWriterOptions
+  onLostQuorum: OnLostQuorum
 }
 
+/** DRBD's on-no-quorum: fail I/O (io-error) or hold it (suspend-io). */
+export type OnLostQuorum = 'error' | 'suspend'
+
 export interface ClusterConfig {
+  /** The witness's HOST:PORT; undefined: no witness (no failover). */
+  witness: { host: string; port: number } | undefined
   nodes: ClusterNode[]
   volumes: ClusterVolume[]
 }
 
-const topKeys = ['nodes', 'volumes']
+const topKeys = ['witness', 'nodes', 'volumes']
 const nodeKeys = ['name', 'domain', 'replication']
-const volumeKeys = ['name', 'size', 'replicas', 'primary', 'followTheWriter']
+const volumeKeys = ['name', 'size', 'replicas', 'primary', 'followTheWriter', 'onLostQuorum']
 
 /** The rule of `validateVolumeName`, for node and domain names. */
 const namePattern = /^[a-z0-9][a-z0-9._-]*$/
@@ -95,6 +107,10 @@ export function parseClusterConfig(json: unknown, source: string): ClusterConfig
   for (const key of Object.keys(json)) {
     if (!topKeys.includes(key)) throw unknownKey(new ConfigProblem(source, key), topKeys)
   }
+  const witness =
+    json['witness'] === undefined
+      ? undefined
+      : parseReplication(json['witness'], new ConfigProblem(source, 'witness'), 'witness endpoint')
   const nodesAt = new ConfigProblem(source, 'nodes')
   const nodesJson = requireArray(json['nodes'], nodesAt)
   if (nodesJson.length === 0) throw nodesAt.error('at least one node is needed')
@@ -102,7 +118,7 @@ export function parseClusterConfig(json: unknown, source: string): ClusterConfig
   const volumesAt = new ConfigProblem(source, 'volumes')
   const volumesJson = json['volumes'] === undefined ? [] : requireArray(json['volumes'], volumesAt)
   const volumes = parseVolumes(volumesJson, volumesAt, nodes)
-  return { nodes, volumes }
+  return { witness, nodes, volumes }
 }
 
 /** Reads and parses the file; a missing file and bad JSON are INVALID_ARGUMENT too. */
@@ -177,20 +193,24 @@ function parseNode(nodeJson: unknown, at: ConfigProblem): ClusterNode {
   return { name, domain, replication }
 }
 
-function parseReplication(value: unknown, at: ConfigProblem): { host: string; port: number } {
+function parseReplication(
+  value: unknown,
+  at: ConfigProblem,
+  what = 'replication endpoint',
+): { host: string; port: number } {
   const text = requireString(value, at)
-  const { host, port } = rethrowAt(at, () => parseEndpoint(text, 'replication endpoint'))
+  const { host, port } = rethrowAt(at, () => parseEndpoint(text, what))
   const bracketed = text.trim().startsWith('[')
   if (bracketed ? isIP(host) !== 6 : !isIPv4OrHostname(host)) {
     throw at.error(
-      `replication endpoint "${text}" has no valid host: use an IPv4 address, ` +
+      `${what} "${text}" has no valid host: use an IPv4 address, ` +
         `a hostname or [IPv6], e.g. 10.0.0.1:10810 or [fd00::1]:10810`,
     )
   }
   if (host === '0.0.0.0' || (isIP(host) === 6 && /^[0:]+$/.test(host))) {
-    throw at.error(`replication endpoint "${text}" is a wildcard address; peers cannot reach it`)
+    throw at.error(`${what} "${text}" is a wildcard address; peers cannot reach it`)
   }
-  if (port < 1) throw at.error(`replication endpoint "${text}": port must be 1-65535`)
+  if (port < 1) throw at.error(`${what} "${text}": port must be 1-65535`)
   return { host, port }
 }
 
@@ -283,7 +303,14 @@ function parseVolume(volumeJson: unknown, at: ConfigProblem, nodes: ClusterNode[
     )
   }
   const followTheWriter = parseFollowTheWriter(entry['followTheWriter'], at.at('followTheWriter'))
-  return { name, sizeBytes, replicas, primary, followTheWriter }
+  const onLostQuorum = parseOnLostQuorum(entry['onLostQuorum'], at.at('onLostQuorum'))
+  return { name, sizeBytes, replicas, primary, followTheWriter, onLostQuorum }
+}
+
+function parseOnLostQuorum(value: unknown, at: ConfigProblem): OnLostQuorum {
+  if (value === undefined) return 'error'
+  if (value === 'error' || value === 'suspend') return value
+  throw at.error(`expected "error" or "suspend", got ${describe(value)}`)
 }
 
 function parseVolumeSize(value: unknown, at: ConfigProblem): number {

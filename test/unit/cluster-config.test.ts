@@ -14,6 +14,7 @@ import { GiB, MiB } from '../../src/core/units.js'
 /** A valid cluster of three nodes in two domains; each test breaks one thing. */
 function validJson() {
   return {
+    witness: 'witness.example:10900',
     nodes: [
       { name: 'node-a', domain: 'site-a', replication: '127.0.0.1:10810' },
       { name: 'node-b', domain: 'site-b', replication: 'node-b.example:10820' },
@@ -26,6 +27,7 @@ function validJson() {
         replicas: ['node-a', 'node-b'],
         primary: 'node-a',
         followTheWriter: true,
+        onLostQuorum: 'suspend',
       },
       { name: 'logs', size: 4 * MiB, replicas: ['node-b', 'node-c'], primary: 'node-c' },
     ] as Record<string, unknown>[],
@@ -49,6 +51,7 @@ function rejects(t: Test, json: unknown, path: string, ...fragments: string[]): 
 t.test('a valid file round-trips into plain data', async (t) => {
   const config = parseClusterConfig(validJson(), 'cluster.json')
   t.same(config, {
+    witness: { host: 'witness.example', port: 10900 },
     nodes: [
       { name: 'node-a', domain: 'site-a', replication: { host: '127.0.0.1', port: 10810 } },
       { name: 'node-b', domain: 'site-b', replication: { host: 'node-b.example', port: 10820 } },
@@ -61,6 +64,7 @@ t.test('a valid file round-trips into plain data', async (t) => {
         replicas: ['node-a', 'node-b'],
         primary: 'node-a',
         followTheWriter: {},
+        onLostQuorum: 'suspend',
       },
       {
         name: 'logs',
@@ -68,6 +72,7 @@ t.test('a valid file round-trips into plain data', async (t) => {
         replicas: ['node-b', 'node-c'],
         primary: 'node-c',
         followTheWriter: false,
+        onLostQuorum: 'error',
       },
     ],
   })
@@ -94,6 +99,20 @@ t.test('empty or missing volumes are fine; nodes need at least one entry', async
   rejects(t, { volumes: [] }, 'nodes', 'missing')
   rejects(t, { nodes: {} }, 'nodes', 'expected a list')
   rejects(t, { nodes: json.nodes, volumes: 'none' }, 'volumes', 'expected a list')
+})
+
+t.test('the witness is optional and checked; onLostQuorum is error or suspend', async (t) => {
+  const json = validJson()
+  t.equal(parseClusterConfig({ nodes: json.nodes }, 'c').witness, undefined)
+  rejects(t, { ...json, witness: 'nowhere' }, 'witness', 'HOST:PORT')
+  rejects(t, { ...json, witness: 10900 }, 'witness')
+  const volume = { ...json.volumes[1], onLostQuorum: 'panic' }
+  rejects(
+    t,
+    { ...json, volumes: [volume] },
+    'volumes[0].onLostQuorum',
+    'expected "error" or "suspend"',
+  )
 })
 
 t.test('the top level must be an object', async (t) => {
