@@ -295,6 +295,14 @@ export function readRepeated<T>(
   })
 }
 
+/** A repeated uint64 field; at most `countMax` values, each a safe integer. */
+export function readU64List(message: Fields, name: string, countMax: number): number[] {
+  const value = message[name]
+  if (!Array.isArray(value)) return fail(`${name} is not a list`)
+  if (value.length > countMax) fail(`${name} has more than ${countMax} elements`)
+  return value.map((_element: unknown, index) => readU64({ v: value[index] }, 'v'))
+}
+
 /** A repeated string field of names; at most `countMax`. */
 export function readNames(message: Fields, name: string, countMax: number): string[] {
   const value = message[name]

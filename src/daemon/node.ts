@@ -195,6 +195,68 @@ function registerReplicationMetrics(registry: Registry, replication: Replication
       }
     },
   })
+  new Gauge({
+    name: 'duplex_replica_degraded',
+    help: 'Primary only: 1 while it runs alone by a witness grant (its peer lacks writes)',
+    labelNames: ['volume'],
+    registers: [registry],
+    collect() {
+      for (const status of replication.status()) {
+        this.set({ volume: status.volume }, status.degraded ? 1 : 0)
+      }
+    },
+  })
+  new Gauge({
+    name: 'duplex_replica_quorum_lost',
+    help: '1 while this replica may not serve (on-lost-quorum applies)',
+    labelNames: ['volume'],
+    registers: [registry],
+    collect() {
+      for (const status of replication.status()) {
+        this.set({ volume: status.volume }, status.quorumLost === undefined ? 0 : 1)
+      }
+    },
+  })
+  new Gauge({
+    name: 'duplex_replica_dirty_bytes',
+    help: 'Bytes the peer lacks: regions written while running alone, not yet resynced',
+    labelNames: ['volume'],
+    registers: [registry],
+    collect() {
+      for (const status of replication.status())
+        this.set({ volume: status.volume }, status.dirtyBytes)
+    },
+  })
+  new Counter({
+    name: 'duplex_replication_resync_bytes_total',
+    help: 'Bytes copied to the peer by initial syncs and resyncs',
+    labelNames: ['volume'],
+    registers: [registry],
+    collect() {
+      this.reset()
+      for (const status of replication.status())
+        this.inc({ volume: status.volume }, status.resyncBytes)
+    },
+  })
+  if (replication.witness !== undefined) {
+    const witness = replication.witness
+    new Gauge({
+      name: 'duplex_witness_reachable',
+      help: "1 while the witness answers this node's heartbeats",
+      registers: [registry],
+      collect() {
+        this.set(witness.reachable ? 1 : 0)
+      },
+    })
+    new Gauge({
+      name: 'duplex_witness_lease_remaining_seconds',
+      help: "Seconds left on this node's witness lease (by its own clock)",
+      registers: [registry],
+      collect() {
+        this.set(witness.leaseRemainingMs() / 1000)
+      },
+    })
+  }
   new Counter({
     name: 'duplex_replication_forwarded_writes_total',
     help: 'Primary only: writes forwarded by the peer node for its clients',

@@ -20,6 +20,8 @@ import type { PeerLinkClientOptions } from '../replica/peer-link.js'
 import { ReplicaController } from '../replica/replica-controller.js'
 import type { ReplicaStatus } from '../replica/replica-controller.js'
 import type { NodeStore, ReplicaRecord } from '../replica/store.js'
+import { WitnessSession } from '../replica/witness-session.js'
+import { WitnessClient } from '../witness/witness-service.js'
 import type { ClusterConfig } from './cluster-config.js'
 import { findNode, volumesOfNode } from './cluster-config.js'
 
@@ -45,6 +47,8 @@ export class Replication implements ExportRegistry {
   private readonly refused = new Set<string>()
   private readonly server: PeerLinkServer
   private address: AddressInfo | undefined
+  /** The node's session with the witness, if the cluster file names one. */
+  readonly witness: WitnessSession | undefined
 
   private constructor(private readonly options: ReplicationOptions) {
     const incarnation = newIncarnation()
@@ -63,6 +67,15 @@ export class Replication implements ExportRegistry {
         return controller.onStream(hello, replies)
       },
     })
+    const witnessAt = options.config.witness
+    this.witness =
+      witnessAt === undefined
+        ? undefined
+        : new WitnessSession({
+            nodeName: options.nodeName,
+            client: new WitnessClient(`${witnessAt.host}:${witnessAt.port}`),
+            log: options.log.child('witness'),
+          })
     for (const { volume, peer } of volumesOfNode(options.config, options.nodeName)) {
       const address = `${peer.replication.host}:${peer.replication.port}`
       let link = this.peers.get(peer.name)
@@ -93,6 +106,8 @@ export class Replication implements ExportRegistry {
             control: link.control,
             incarnation,
             log: options.log,
+            onLostQuorum: volume.onLostQuorum,
+            ...(this.witness === undefined ? {} : { witness: this.witness }),
             ...(options.roleWaitMs === undefined ? {} : { roleWaitMs: options.roleWaitMs }),
           },
           options.store.replica(volume.name) ?? initialRecord(volume.primary === options.nodeName),
@@ -133,6 +148,7 @@ export class Replication implements ExportRegistry {
       family: self.replication.host.includes(':') ? 'IPv6' : 'IPv4',
       port,
     }
+    replication.witness?.start()
     for (const controller of replication.controllers.values()) controller.start()
     return replication
   }
@@ -181,6 +197,7 @@ export class Replication implements ExportRegistry {
       peer.link.close()
       peer.control.close()
     }
+    this.witness?.close()
     await this.server.close()
     for (const result of results) {
       if (result.status === 'rejected') {
@@ -204,6 +221,8 @@ export class Replication implements ExportRegistry {
     }
     return {
       describe: (volume) => Promise.resolve().then(() => find(volume).describe()),
+      renewLease: (request) =>
+        Promise.resolve().then(() => find(request.volume).renewLease(request)),
       forward: (request) =>
         Promise.resolve().then(() => find(request.volume).serveForwarded(request)),
       handover: (request) => Promise.resolve().then(() => find(request.volume).handover(request)),

@@ -39,6 +39,11 @@ export class ActivityLog {
     if (ops.length > 0) await this.meta.batch(ops, { sync: true })
   }
 
+  /** Cools every extent (the replicas were just made identical there). */
+  async clear(): Promise<void> {
+    await this.persist([], await this.hotExtents())
+  }
+
   private key(extent: number): string {
     assertSafeUint(extent, 'extent')
     return activityLogPrefix(this.volumeId) + extent.toString(16).padStart(8, '0')

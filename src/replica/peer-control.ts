@@ -45,9 +45,11 @@ import {
   readRequiredEnum,
   readString,
   readU64,
+  readU64List,
   remoteError,
   rpc as unaryRpc,
   textBytesMax,
+  textProblem,
   uintProblem,
   unary,
   UnaryClient,
@@ -98,7 +100,7 @@ const clientChannelOptions: grpc.ChannelOptions = {
 // ---------------------------------------------------------------------------------------------
 // Types
 
-export type ReplicaState = 'UpToDate' | 'Inconsistent'
+export type ReplicaState = 'UpToDate' | 'Inconsistent' | 'Outdated'
 
 export interface DescribeReply {
   exists: boolean
@@ -106,6 +108,14 @@ export interface DescribeReply {
   primary: string
   state: ReplicaState
   sizeBytes: number
+  /** Extents hot in the replica's own activity log (resync copies them too). */
+  hotExtents: number[]
+  /** Bytes per activity-log extent (0 when there are no hot extents). */
+  extentBytes: number
+  /** The replica ran alone (degraded): its peer lacks writes. */
+  dirty: boolean
+  /** The machine's boot id (src/core/boot-id.ts); '' when unknown. */
+  bootId: string
 }
 
 export type ForwardKind = 'read' | 'write' | 'trim' | 'zero' | 'flush'
@@ -152,6 +162,17 @@ export interface SyncCompleteRequest {
   fromNode: string
 }
 
+export interface RenewLeaseRequest {
+  volume: string
+  fromNode: string
+  epoch: number
+}
+
+export interface RenewLeaseReply {
+  granted: boolean
+  epoch: number
+}
+
 /** What a node implements; a thrown DuplexError travels to the caller with its code and message. */
 export interface PeerControlHandlers {
   /** A volume this node does not hold: `exists: false` (the other fields are not sent). */
@@ -161,6 +182,7 @@ export interface PeerControlHandlers {
   handover(request: HandoverRequest): Promise<HandoverReply>
   promote(request: PromoteRequest): Promise<PromoteReply>
   syncComplete(request: SyncCompleteRequest): Promise<void>
+  renewLease(request: RenewLeaseRequest): Promise<RenewLeaseReply>
 }
 
 /** A forward request as it travels: with the xxh64 of a WRITE's data (0 otherwise). */
@@ -177,11 +199,21 @@ interface WireForwardReply {
 // ---------------------------------------------------------------------------------------------
 // Checks, shared by both directions (see unary-rpc.ts)
 
+/** Hot extents a Describe may list (64 Ki extents of 4 MiB: a 256 TiB volume wholly hot). */
+export const describeHotExtentsMax = 65_536
+
 function describeReplyProblem(reply: DescribeReply): Problem {
   return firstProblem(
     uintProblem(reply.epoch, 'epoch'),
     nameProblem(reply.primary, 'primary', false),
     uintProblem(reply.sizeBytes, 'sizeBytes'),
+    uintProblem(reply.extentBytes, 'extentBytes'),
+    textProblem(reply.bootId, 'bootId', 64, false),
+    reply.hotExtents.length > describeHotExtentsMax
+      ? `more than ${describeHotExtentsMax} hot extents`
+      : undefined,
+    reply.hotExtents.length > 0 && reply.extentBytes === 0 ? 'hot extents of 0 bytes' : undefined,
+    ...reply.hotExtents.map((extent) => uintProblem(extent, 'hotExtents')),
   )
 }
 
@@ -239,7 +271,7 @@ function rpc<Request, Reply>(name: string, codec: RpcCodec<Request, Reply>): Rpc
   return unaryRpc(root, 'duplex.v1.Peer', name, codec)
 }
 
-const replicaStates: readonly ReplicaState[] = ['UpToDate', 'Inconsistent']
+const replicaStates: readonly ReplicaState[] = ['UpToDate', 'Inconsistent', 'Outdated']
 const forwardKinds: readonly ForwardKind[] = ['read', 'write', 'trim', 'zero', 'flush']
 
 // ---------------------------------------------------------------------------------------------
@@ -258,6 +290,10 @@ const describeRpc = rpc<{ volume: string }, DescribeReply>('Describe', {
       primary: reply.primary,
       state: enumToWire(replicaStates, reply.state),
       sizeBytes: reply.sizeBytes,
+      hotExtents: reply.hotExtents,
+      extentBytes: reply.extentBytes,
+      dirty: reply.dirty,
+      bootId: reply.bootId,
     }
   },
   readReply: (message) => {
@@ -267,11 +303,23 @@ const describeRpc = rpc<{ volume: string }, DescribeReply>('Describe', {
       primary: readName(message, 'primary', false),
       state: readEnum(message, 'state', replicaStates),
       sizeBytes: readU64(message, 'sizeBytes'),
+      hotExtents: readU64List(message, 'hotExtents', describeHotExtentsMax),
+      extentBytes: readU64(message, 'extentBytes'),
+      dirty: readBool(message, 'dirty'),
+      bootId: readString(message, 'bootId'),
     }
     if (reply.exists) {
+      failOn(describeReplyProblem({ ...reply, state: 'Inconsistent' }))
       return { ...reply, state: reply.state ?? fail('state missing') }
     }
-    const unset = reply.epoch === 0 && reply.primary === '' && reply.sizeBytes === 0
+    const unset =
+      reply.epoch === 0 &&
+      reply.primary === '' &&
+      reply.sizeBytes === 0 &&
+      reply.hotExtents.length === 0 &&
+      reply.extentBytes === 0 &&
+      !reply.dirty &&
+      reply.bootId === ''
     if (!unset || reply.state !== undefined) fail('fields set for a volume that does not exist')
     return { ...reply, state: 'Inconsistent' }
   },
@@ -350,6 +398,27 @@ const promoteRpc = rpc<PromoteRequest, PromoteReply>('Promote', {
   }),
 })
 
+const renewLeaseRpc = rpc<RenewLeaseRequest, RenewLeaseReply>('RenewLease', {
+  requestProblem: (request) =>
+    firstProblem(
+      nameProblem(request.volume, 'volume'),
+      nameProblem(request.fromNode, 'fromNode'),
+      uintProblem(request.epoch, 'epoch'),
+    ),
+  writeRequest: (request) => ({ ...request }),
+  readRequest: (message) => ({
+    volume: readName(message, 'volume'),
+    fromNode: readName(message, 'fromNode'),
+    epoch: readU64(message, 'epoch'),
+  }),
+  replyProblem: (reply) => uintProblem(reply.epoch, 'epoch'),
+  writeReply: (reply) => ({ granted: reply.granted, epoch: reply.epoch }),
+  readReply: (message) => ({
+    granted: readBool(message, 'granted'),
+    epoch: readU64(message, 'epoch'),
+  }),
+})
+
 const syncCompleteRpc = rpc<SyncCompleteRequest, undefined>('SyncComplete', {
   requestProblem: syncCompleteRequestProblem,
   writeRequest: (request) => ({ ...request }),
@@ -374,6 +443,7 @@ export const peerService: grpc.ServiceDefinition = {
   Handover: method(handoverRpc),
   Promote: method(promoteRpc),
   SyncComplete: method(syncCompleteRpc),
+  RenewLease: method(renewLeaseRpc),
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -425,6 +495,7 @@ export async function addPeerControlService(
     ),
     Handover: unary(handoverRpc, (request) => handlers.handover(request), log, where),
     Promote: unary(promoteRpc, (request) => handlers.promote(request), log, where),
+    RenewLease: unary(renewLeaseRpc, (request) => handlers.renewLease(request), log, where),
     SyncComplete: unary(
       syncCompleteRpc,
       async (request) => {
@@ -510,6 +581,10 @@ export class PeerControlClient {
 
   syncComplete(request: SyncCompleteRequest, deadlineMs?: number): Promise<void> {
     return this.client.invoke(syncCompleteRpc, request, deadlineMs)
+  }
+
+  renewLease(request: RenewLeaseRequest, deadlineMs?: number): Promise<RenewLeaseReply> {
+    return this.client.invoke(renewLeaseRpc, request, deadlineMs)
   }
 
   /** Close the channel; calls after this reject with SHUTTING_DOWN. */

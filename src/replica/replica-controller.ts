@@ -25,7 +25,13 @@
  */
 import { performance } from 'node:perf_hooks'
 import { DuplexError, errorMessage, isDuplexError } from '../core/errors.js'
+import { bootId } from '../core/boot-id.js'
+import { formatEpoch, nextTerm } from '../core/epochs.js'
 import type { Logger } from '../core/log.js'
+import type { VolumeRecord } from '../witness/arbiter.js'
+import { grantorLeaseEnd, holderLeaseEnd } from '../witness/lease.js'
+import type { LeaseTiming } from '../witness/lease.js'
+import { DirtyMap, mergeRanges } from './dirty-map.js'
 import type { AllocationExtent, BlockDevice, ExportInfo, ZeroOptions } from '../nbd/exports.js'
 import { FollowTheWriter } from './follow-the-writer.js'
 import type { FollowTheWriterOptions } from './follow-the-writer.js'
@@ -39,13 +45,17 @@ import type {
   HandoverRequest,
   PeerControlClient,
   PromoteReply,
+  RenewLeaseReply,
+  RenewLeaseRequest,
   SyncCompleteRequest,
 } from './peer-control.js'
 import { PeerRestarted, PrimaryVolume, SecondaryVolume } from './replicated-volume.js'
 import type { ByteRange } from './replicated-volume.js'
+import { activityLogExtentBytesDefault } from './replication.js'
 import { decideRole } from './roles.js'
 import type { NodeStore, ReplicaRecord } from './store.js'
 import type { Volume } from './volume.js'
+import type { WitnessSession } from './witness-session.js'
 
 /** How long a client request waits for a role change (or a start) before it fails. */
 export const roleWaitMsDefault = 30_000
@@ -55,6 +65,31 @@ const bootstrapRetryMs = 500
 const forwardRetryMs = 100
 /** How often the primary looks at the follow-the-writer policy. */
 const followTheWriterTickMs = 1000
+/** How often a replica with a witness checks its leases and failover conditions. */
+const failoverTickMs = 200
+/** Peer leases are renewed this often. */
+const peerRenewIntervalMs = 500
+/** A primary whose peer stream has been down this long starts to fail over (degrade). */
+const peerLossMs = 1000
+/** After a role starts, failover waits this long for the peer to show up first. */
+const roleStartGraceMs = 4000
+/** Between two failover attempts (a degrade, a takeover, a probe of a returning peer). */
+const failoverRetryMs = 1000
+/**
+ * A failover that keeps failing for a reason that may pass (the witness unreachable or pausing,
+ * the old owner's lease not expired yet) loses quorum after this long.
+ */
+const failoverPatienceMs = 6000
+/** A degraded primary's probe of its peer gives up after this. */
+const peerProbeTimeoutMs = 1000
+/** How often a dirty bitmap that changed is persisted. */
+const dirtyPersistIntervalMs = 1000
+
+/** ARCHITECTURE.md: the secondary's peer lease, ~2 s, renewed by every exchange. */
+export const peerLeaseDefaults: LeaseTiming = { leaseMs: 2000, driftRatio: 0.01, marginMs: 250 }
+
+/** DRBD's on-no-quorum: fail I/O or hold it while this replica may not serve. */
+export type OnLostQuorum = 'error' | 'suspend'
 
 export type RoleName = 'starting' | 'primary' | 'secondary' | 'closed'
 
@@ -77,6 +112,10 @@ export interface ReplicaControllerOptions {
   incarnation: Buffer
   log: Logger
   roleWaitMs?: number
+  /** The node's session with the witness; without one, nothing fails over. */
+  witness?: WitnessSession
+  onLostQuorum?: OnLostQuorum
+  peerLease?: LeaseTiming
 }
 
 /** A snapshot for status, metrics and tests. */
@@ -98,13 +137,27 @@ export interface ReplicaStatus {
   rejected: Record<string, number>
   /** Primary only: payloads the peer refused for their checksum and that were sent again. */
   checksumRetries: number
+  /** Primary only: running alone by a witness grant. */
+  degraded: boolean
+  /** Bytes the peer lacks (the dirty bitmap). */
+  dirtyBytes: number
+  /** Bytes copied to the peer by syncs and resyncs since this node started. */
+  resyncBytes: number
+  /** Why I/O cannot be served (on-lost-quorum applies), if it cannot. */
+  quorumLost: string | undefined
+  /** Milliseconds left on this node's witness lease (undefined: no witness). */
+  witnessLeaseMs: number | undefined
+  /** The witness answered recently (undefined: no witness). */
+  witnessReachable: boolean | undefined
 }
 
 type Role =
   | { type: 'starting' }
-  | { type: 'primary'; device: PrimaryVolume }
+  | { type: 'primary'; device: PrimaryVolume; degraded: boolean }
   | { type: 'secondary'; secondary: SecondaryVolume; expectedPrimary: string }
   | { type: 'closed' }
+
+type Access = 'read' | 'write'
 
 type Mutation =
   | { kind: 'write'; offset: number; data: Buffer; fua: boolean }
@@ -145,12 +198,39 @@ export class ReplicaController implements BlockDevice {
   private hotSyncPending = false
   private syncBytesDone = 0
   private syncBytesTotal = 0
+  /** Bytes copied to the peer by every sync and resync so far. */
+  private resyncBytes = 0
+  /** The peer's boot id when it was last known UpToDate (its page cache held our writes). */
+  private peerBootIdInSync: string | undefined
   private forwardedWrites = 0
   private readonly rejected: Record<string, number> = {}
   private readonly policy: FollowTheWriter
   private policyTimer: NodeJS.Timeout | undefined
   private learning: Promise<void> | undefined
   private readonly roleWaitMs: number
+  // ---- failover (only with a witness)
+  private readonly dirty: DirtyMap
+  private readonly peerTiming: LeaseTiming
+  private failoverTimer: NodeJS.Timeout | undefined
+  private dirtyTimer: NodeJS.Timeout | undefined
+  /** Holder: this replica's lease from its peer ends then (local clock). */
+  private peerLeaseEnd = 0
+  /** Grantor: when this replica last renewed its peer's lease. */
+  private peerGrantedAt = -Infinity
+  private renewing = false
+  private lastRenewAt = -Infinity
+  /** When the current role started (failover waits a grace period after it). */
+  private roleStartedAt = 0
+  private disconnectedSince: number | undefined
+  /** Set while this replica is leaving its peer: it renews the peer's lease no more. */
+  private detaching = false
+  private failingOver: Promise<void> | undefined
+  private quorumLost: string | undefined
+  private lastFailoverAt = -Infinity
+  /** When the current failover attempts began (undefined: none under way). */
+  private failoverSince: number | undefined
+  /** The witness must still hear that the peer is (or is not) in sync. */
+  private witnessReport: boolean | undefined
 
   constructor(
     private readonly options: ReplicaControllerOptions,
@@ -163,6 +243,8 @@ export class ReplicaController implements BlockDevice {
       performance.now(),
       options.followTheWriter === false ? {} : options.followTheWriter,
     )
+    this.dirty = new DirtyMap(this.info.sizeBytes)
+    this.peerTiming = options.peerLease ?? peerLeaseDefaults
   }
 
   get name(): string {
@@ -184,12 +266,28 @@ export class ReplicaController implements BlockDevice {
       forwardedWrites: this.forwardedWrites,
       rejected: { ...this.rejected },
       checksumRetries: this.role.type === 'primary' ? this.role.device.counters.checksumRetries : 0,
+      degraded: this.role.type === 'primary' && this.role.degraded,
+      dirtyBytes: this.dirty.dirtyBytes,
+      resyncBytes: this.resyncBytes,
+      quorumLost: this.quorumLost,
+      witnessLeaseMs: this.options.witness?.leaseRemainingMs(),
+      witnessReachable: this.options.witness?.reachable,
     }
   }
 
   /** Decides the role (retrying until the peer answers if it must) and takes it. */
   start(): void {
-    void this.bootstrap()
+    void this.loadDirty().then(() => this.bootstrap())
+    if (this.options.witness !== undefined) {
+      this.failoverTimer = setInterval(() => {
+        this.tick()
+      }, failoverTickMs)
+      this.failoverTimer.unref()
+    }
+    this.dirtyTimer = setInterval(() => {
+      void this.persistDirty(false)
+    }, dirtyPersistIntervalMs)
+    this.dirtyTimer.unref()
     if (this.options.followTheWriter !== false) {
       this.policyTimer = setInterval(() => {
         this.considerMove()
@@ -200,6 +298,8 @@ export class ReplicaController implements BlockDevice {
 
   async close(): Promise<void> {
     clearInterval(this.policyTimer)
+    clearInterval(this.failoverTimer)
+    clearInterval(this.dirtyTimer)
     const role = this.role
     this.role = { type: 'closed' }
     this.changed.notify()
@@ -209,15 +309,18 @@ export class ReplicaController implements BlockDevice {
     } else if (role.type === 'secondary') {
       role.secondary.close('node shutting down')
     }
+    await this.persistDirty(true)
   }
 
   // ---- BlockDevice (this node's NBD clients)
 
   read(offset: number, length: number): Promise<Buffer> {
-    return this.run((role) =>
-      role.type === 'secondary' && this.record.state !== 'UpToDate'
-        ? this.forward({ kind: 'read', offset, length }).then((reply) => reply.data)
-        : this.options.volume.read(offset, length),
+    return this.retrying('local', () =>
+      this.run('read', (role) =>
+        role.type === 'secondary' && !this.readsLocally()
+          ? this.forward({ kind: 'read', offset, length }).then((reply) => reply.data)
+          : this.options.volume.read(offset, length),
+      ),
     )
   }
 
@@ -251,14 +354,32 @@ export class ReplicaController implements BlockDevice {
 
   // ---- Peer control (the peer node's requests for this volume)
 
-  describe(): DescribeReply {
+  async describe(): Promise<DescribeReply> {
+    const hotExtents = (await this.options.store.activityLog(this.name)?.hotExtents()) ?? []
     return {
       exists: true,
       epoch: this.record.epoch,
       primary: this.record.primary,
       state: this.record.state,
       sizeBytes: this.info.sizeBytes,
+      hotExtents,
+      extentBytes: hotExtents.length > 0 ? activityLogExtentBytesDefault : 0,
+      dirty: (this.role.type === 'primary' && this.role.degraded) || !this.dirty.isEmpty,
+      bootId,
     }
+  }
+
+  /** The peer renews its lease on this replica (see lease.ts; ARCHITECTURE.md "Leases"). */
+  renewLease(request: RenewLeaseRequest): RenewLeaseReply {
+    const role = this.role
+    const counterpart =
+      request.fromNode === this.options.peerName &&
+      request.epoch === this.record.epoch &&
+      !this.detaching &&
+      ((role.type === 'primary' && !role.degraded) ||
+        (role.type === 'secondary' && role.expectedPrimary === request.fromNode))
+    if (counterpart) this.peerGrantedAt = performance.now()
+    return { granted: counterpart, epoch: this.record.epoch }
   }
 
   /** A request of a client attached to the peer's node: served here if this node is primary. */
@@ -269,7 +390,7 @@ export class ReplicaController implements BlockDevice {
         `${request.fromNode} holds no replica of ${this.name}; only ${this.options.peerName} may forward`,
       )
     }
-    const role = await this.settled()
+    const role = await this.settled(request.kind === 'read' ? 'read' : 'write')
     if (role.type !== 'primary') {
       throw new DuplexError(
         'NOT_PRIMARY',
@@ -358,7 +479,7 @@ export class ReplicaController implements BlockDevice {
 
   /** Make this node the primary (admin `volume promote`, follow the writer, a rebuilt peer). */
   async promote(): Promise<PromoteReply> {
-    const role = await this.settled()
+    const role = await this.settled('write')
     if (role.type === 'primary') return { epoch: this.record.epoch, primary: this.options.nodeName }
     if (role.type !== 'secondary') {
       throw new DuplexError('UNAVAILABLE', `${this.name} is ${role.type} on this node`)
@@ -385,7 +506,7 @@ export class ReplicaController implements BlockDevice {
       }
       await this.persist(record)
       role.secondary.close('this node became primary')
-      await this.becomePrimary()
+      await this.becomePrimary(false)
       this.options.log.info('promoted', { volume: this.name, epoch: record.epoch })
       return { epoch: record.epoch, primary: this.options.nodeName }
     } finally {
@@ -407,6 +528,9 @@ export class ReplicaController implements BlockDevice {
           `this replica (epoch ${this.record.epoch}, primary ${this.record.primary})`,
       )
     }
+    // This replica now equals the primary's: its own activity log (from when it was primary)
+    // names no difference any more.
+    await this.options.store.activityLog(this.name)?.clear()
     await this.persist({ ...this.record, state: 'UpToDate' })
     this.options.log.info('replica is UpToDate', { volume: this.name, epoch: request.epoch })
   }
@@ -454,6 +578,9 @@ export class ReplicaController implements BlockDevice {
 
   private async bootstrap(): Promise<void> {
     const { nodeName, peerName, log } = this.options
+    if (this.options.witness !== undefined && (await this.options.witness.ready(2000))) {
+      await this.adoptWitnessRecord()
+    }
     for (;;) {
       if (this.role.type === 'closed') return
       let remote: DescribeReply | undefined
@@ -467,7 +594,17 @@ export class ReplicaController implements BlockDevice {
           })
         }
         remote = isDuplexError(error, 'VOLUME_NOT_FOUND')
-          ? { exists: false, epoch: 0, primary: '', state: 'Inconsistent', sizeBytes: 0 }
+          ? {
+              exists: false,
+              epoch: 0,
+              primary: '',
+              state: 'Inconsistent',
+              sizeBytes: 0,
+              hotExtents: [],
+              extentBytes: 0,
+              dirty: false,
+              bootId: '',
+            }
           : undefined
       }
       if (remote?.exists === true && remote.sizeBytes !== this.info.sizeBytes) {
@@ -487,7 +624,9 @@ export class ReplicaController implements BlockDevice {
         switch (decision.type) {
           case 'primary':
             await this.persist(decision.record)
-            await this.becomePrimary()
+            // After a crash or a stop the activity log names where the replicas may differ.
+            this.hotSyncPending = true
+            await this.becomePrimary(false)
             return
           case 'secondary':
             if (!sameRecord(decision.record, this.record)) await this.persist(decision.record)
@@ -515,7 +654,35 @@ export class ReplicaController implements BlockDevice {
     }
   }
 
-  private async becomePrimary(): Promise<void> {
+  /**
+   * With a witness, what it recorded while this node was away wins over the local record: a
+   * takeover by the peer makes this replica its secondary, Outdated unless the volume stayed in
+   * sync in this replica's generation.
+   */
+  private async adoptWitnessRecord(): Promise<void> {
+    const record = this.options.witness?.record(this.name)
+    if (record === undefined || record.epoch <= this.record.epoch) return
+    const me = this.options.nodeName
+    const adopted: ReplicaRecord =
+      record.owner === me
+        ? { epoch: record.epoch, primary: me, state: this.record.state }
+        : {
+            epoch: record.epoch,
+            primary: record.owner,
+            state:
+              this.record.state === 'UpToDate' && !record.inSync ? 'Outdated' : this.record.state,
+          }
+    if (this.record.epoch === 0 && adopted.state === 'UpToDate') adopted.state = 'Inconsistent'
+    this.options.log.info('adopting the witness record', {
+      volume: this.name,
+      epoch: formatEpoch(record.epoch),
+      owner: record.owner,
+      state: adopted.state,
+    })
+    await this.persist(adopted)
+  }
+
+  private async becomePrimary(degraded: boolean): Promise<void> {
     if (this.role.type === 'closed') return
     const { volume, store, log } = this.options
     const activityLog = store.activityLog(this.name)
@@ -532,18 +699,29 @@ export class ReplicaController implements BlockDevice {
       client: this.options.link,
       incarnation: this.options.incarnation,
       log: log.child(this.name),
+      ...(degraded ? { degraded: { dirty: this.dirty } } : {}),
+      coolingAllowed: () => this.dirty.isEmpty,
       onPeerConnected: () => {
         void this.checkPeer(device)
       },
       onPeerRestarted: () => {
-        void this.replacePrimary(device)
+        void this.switchPrimary(device, false, 'the peer restarted')
       },
     })
-    this.role = { type: 'primary', device }
+    this.role = { type: 'primary', device, degraded }
+    this.roleStarted()
     this.waiting = undefined
     this.policy.reset(performance.now())
     this.changed.notify()
-    log.info('serving as primary', { volume: this.name, epoch: this.record.epoch })
+    log.info(degraded ? 'serving as primary, alone (degraded)' : 'serving as primary', {
+      volume: this.name,
+      epoch: formatEpoch(this.record.epoch),
+    })
+    if (this.options.witness !== undefined && !degraded) {
+      // Register (or confirm) with the witness; it learns "in sync" once the peer is checked.
+      this.witnessReport ??= false
+      void this.reportToWitness()
+    }
   }
 
   private becomeSecondary(expectedPrimary: string): void {
@@ -557,6 +735,7 @@ export class ReplicaController implements BlockDevice {
       },
     })
     this.role = { type: 'secondary', secondary, expectedPrimary }
+    this.roleStarted()
     this.waiting = undefined
     this.changed.notify()
     this.options.log.info('serving as secondary', {
@@ -567,7 +746,13 @@ export class ReplicaController implements BlockDevice {
     })
   }
 
-  /** Primary: the stream is (re)open; fill the peer if it needs it. */
+  /**
+   * Primary: the stream is (re)open; bring the peer up to date if it needs it. An Inconsistent
+   * peer gets every range (initial sync). Otherwise a resync copies where the replicas may
+   * differ: the dirty bitmap (what this node wrote alone), this node's activity log (writes in
+   * flight at a crash or a peer restart) and the peer's own activity log (from when it was
+   * primary). Then a flush on both and SyncComplete; the witness then records the volume in sync.
+   */
   private async checkPeer(device: PrimaryVolume): Promise<void> {
     if (this.peerState === 'syncing') return
     let peer: DescribeReply
@@ -578,41 +763,71 @@ export class ReplicaController implements BlockDevice {
       return
     }
     if (this.role.type !== 'primary' || this.role.device !== device) return
-    if (peer.state === 'UpToDate' && !this.hotSyncPending) {
-      this.peerState = 'UpToDate'
+    const full = peer.state === 'Inconsistent'
+    const peerHot = peer.hotExtents.map((extent) => ({
+      offset: extent * peer.extentBytes,
+      length: Math.min(peer.extentBytes, this.info.sizeBytes - extent * peer.extentBytes),
+    }))
+    const behind =
+      peer.state !== 'UpToDate' ||
+      this.hotSyncPending ||
+      !this.dirty.isEmpty ||
+      peerHot.length > 0 ||
+      (this.peerBootIdInSync !== undefined && peer.bootId !== this.peerBootIdInSync)
+    if (!behind) {
+      this.peerInSync(peer.bootId)
       return
     }
-    const full = peer.state !== 'UpToDate'
+    // This node's activity log counts after its own restart (hotSyncPending: its writes in flight
+    // at a crash) or a reboot of the peer's machine (writes it acknowledged but had not flushed
+    // are gone). Otherwise every write issued here was acknowledged by both, or was pending at a
+    // failover and then it is in the dirty bitmap.
+    const peerRebooted =
+      this.peerBootIdInSync === undefined || peer.bootId !== this.peerBootIdInSync
+    const ownHot = this.hotSyncPending || peerRebooted ? device.hotRanges() : []
     const ranges: ByteRange[] = full
       ? [{ offset: 0, length: this.info.sizeBytes }]
-      : device.hotRanges()
+      : mergeRanges([...this.dirty.ranges(), ...ownHot, ...peerHot])
     this.hotSyncPending = false
     this.peerState = 'syncing'
     this.syncBytesDone = 0
     this.syncBytesTotal = ranges.reduce((sum, range) => sum + range.length, 0)
+    if (this.options.witness !== undefined) {
+      this.witnessReport = false
+      void this.reportToWitness()
+    }
     const started = performance.now()
+    const kind = full
+      ? 'full'
+      : this.dirty.isEmpty
+        ? 'hot extents'
+        : 'dirty regions and hot extents'
     this.options.log.info('sync to the peer started', {
       volume: this.name,
-      kind: full ? 'full' : 'hot extents',
+      kind,
       bytes: this.syncBytesTotal,
     })
     try {
       await device.sync(ranges, (range) => {
         this.syncBytesDone += range.length
+        this.resyncBytes += range.length
+        this.dirty.clear(range.offset, range.length)
       })
       await device.flush()
-      if (full) {
-        await this.options.control.syncComplete({
-          volume: this.name,
-          epoch: this.record.epoch,
-          fromNode: this.options.nodeName,
-        })
-      }
-      this.peerState = 'UpToDate'
+      await this.options.control.syncComplete({
+        volume: this.name,
+        epoch: this.record.epoch,
+        fromNode: this.options.nodeName,
+      })
+      this.dirty.clearAll()
+      await this.persistDirty(true)
       this.options.log.info('sync to the peer complete', {
         volume: this.name,
+        kind,
+        bytes: this.syncBytesTotal,
         seconds: ((performance.now() - started) / 1000).toFixed(1),
       })
+      this.peerInSync(peer.bootId)
     } catch (error) {
       this.peerState = full ? 'Inconsistent' : 'unknown'
       if (!full) this.hotSyncPending = true
@@ -623,19 +838,61 @@ export class ReplicaController implements BlockDevice {
     }
   }
 
-  /** The peer restarted: continue in a new epoch and copy the hot extents to it again. */
-  private async replacePrimary(old: PrimaryVolume): Promise<void> {
-    this.gate('peer restarted')
+  private peerInSync(peerBootId: string): void {
+    this.peerState = 'UpToDate'
+    this.peerBootIdInSync = peerBootId
+    if (this.options.witness !== undefined) {
+      this.witnessReport = true
+      void this.reportToWitness()
+    }
+  }
+
+  /** Tells the witness what this primary runs (retried by the failover tick until it hears). */
+  private async reportToWitness(): Promise<void> {
+    const witness = this.options.witness
+    const inSync = this.witnessReport
+    if (witness === undefined || inSync === undefined || this.role.type !== 'primary') return
+    const me = this.options.nodeName
     try {
-      old.close()
+      await witness.report({
+        volume: this.name,
+        node: me,
+        replicas: [me, this.options.peerName],
+        epoch: this.record.epoch,
+        primary: me,
+        inSync,
+      })
+      if (this.witnessReport === inSync) this.witnessReport = undefined
+    } catch (error) {
+      this.options.log.debug('cannot report to the witness; retrying', {
+        error: errorMessage(error),
+      })
+    }
+  }
+
+  /**
+   * Continue as primary in a new epoch with a new volume: after the peer restarted, when the
+   * witness granted running alone (`degraded`), or to resync a returning peer. Requests pending
+   * in the old volume fail with PeerRestarted and are issued again in the new one.
+   */
+  private async switchPrimary(
+    old: PrimaryVolume,
+    degraded: boolean,
+    why: string,
+    epoch = nextTerm(this.record.epoch),
+  ): Promise<void> {
+    this.gate(why)
+    try {
+      // The peer may lack what was pending (issued here, never acknowledged by both).
+      for (const range of old.handOff(why)) this.dirty.mark(range.offset, range.length)
       await old.idle()
       if (this.role.type !== 'primary' || this.role.device !== old) return
-      await this.persist({ ...this.record, epoch: this.record.epoch + 1 })
-      this.hotSyncPending = true
-      await this.becomePrimary()
+      await this.persist({ epoch, primary: this.options.nodeName, state: 'UpToDate' })
+      await this.becomePrimary(degraded)
     } catch (error) {
-      this.options.log.error('cannot continue after the peer restarted', {
+      this.options.log.error('cannot continue as primary', {
         volume: this.name,
+        why,
         error: errorMessage(error),
       })
     } finally {
@@ -649,11 +906,19 @@ export class ReplicaController implements BlockDevice {
     try {
       await this.drained()
       await device.flush()
-      const record: ReplicaRecord = {
-        epoch: this.record.epoch + 1,
-        primary: toNode,
-        state: 'UpToDate',
-      }
+      // With a witness, it must record the new owner (it arbitrates by owner): a new generation.
+      const epoch =
+        this.options.witness === undefined
+          ? this.record.epoch + 1
+          : (
+              await this.options.witness.recordHandover({
+                volume: this.name,
+                fromNode: this.options.nodeName,
+                toNode,
+                epoch: this.record.epoch,
+              })
+            ).epoch
+      const record: ReplicaRecord = { epoch, primary: toNode, state: 'UpToDate' }
       await this.persist(record)
       device.close()
       await device.idle()
@@ -662,6 +927,318 @@ export class ReplicaController implements BlockDevice {
       return { epoch: record.epoch }
     } finally {
       this.ungate()
+    }
+  }
+
+  // ---- failover (with a witness; ARCHITECTURE.md "Leases" and "Failures")
+
+  private roleStarted(): void {
+    this.roleStartedAt = performance.now()
+    this.disconnectedSince = undefined
+    this.detaching = false
+    this.peerLeaseEnd = 0
+    this.peerGrantedAt = -Infinity
+    this.failoverSince = undefined
+  }
+
+  /** Whether this replica may serve `access` now (reads need a lease; alone, so do writes). */
+  private mayServe(role: Role, access: Access): boolean {
+    const witness = this.options.witness
+    if (witness === undefined || role.type !== 'primary') return true
+    if (this.quorumLost !== undefined) return false
+    if (role.degraded) return witness.leaseValid()
+    return access === 'write' || this.peerLeaseEnd > performance.now()
+  }
+
+  /** Secondary: reads are served here only from an UpToDate replica whose primary is in touch. */
+  private readsLocally(): boolean {
+    if (this.record.state !== 'UpToDate') return false
+    return this.options.witness === undefined || this.peerLeaseEnd > performance.now()
+  }
+
+  private lostQuorumError(): DuplexError {
+    return new DuplexError(
+      'UNAVAILABLE',
+      `volume ${this.name} cannot be served on ${this.options.nodeName}: ${this.quorumLost ?? 'no quorum'}`,
+    )
+  }
+
+  /** I/O fails (or holds) from now on, until service is possible again. */
+  private loseQuorum(why: string): void {
+    if (this.quorumLost === why) return
+    const first = this.quorumLost === undefined
+    this.quorumLost = why
+    this.options.log.warn('no quorum: I/O follows on-lost-quorum', {
+      volume: this.name,
+      policy: this.options.onLostQuorum ?? 'error',
+      why,
+    })
+    this.changed.notify()
+    const role = this.role
+    if (
+      first &&
+      role.type === 'primary' &&
+      !role.degraded &&
+      this.options.onLostQuorum !== 'suspend'
+    ) {
+      // Requests waiting for the lost peer's ack fail now (they are issued again, and refused).
+      void this.switchPrimary(role.device, false, 'quorum lost')
+    }
+  }
+
+  /** A failover attempt failed: lose quorum now if that is final, or once patience runs out. */
+  private failoverFailed(error: unknown, why: string): void {
+    const now = performance.now()
+    this.failoverSince ??= now
+    const final = !isDuplexError(error, 'UNAVAILABLE')
+    if (final || now - this.failoverSince >= failoverPatienceMs) this.loseQuorum(why)
+  }
+
+  private regainQuorum(): void {
+    this.failoverSince = undefined
+    if (this.quorumLost === undefined) return
+    this.quorumLost = undefined
+    this.options.log.info('quorum regained', { volume: this.name })
+    this.changed.notify()
+  }
+
+  /** Every failoverTickMs: renew the peer lease, and fail over when the peer is gone. */
+  private tick(): void {
+    const now = performance.now()
+    const role = this.role
+    if ((role.type === 'primary' && !role.degraded) || role.type === 'secondary') {
+      this.renewPeerLease(now)
+    }
+    if (role.type === 'primary' && this.witnessReport !== undefined) void this.reportToWitness()
+    if (this.failingOver !== undefined || this.gated !== undefined) return
+    if (now - this.roleStartedAt < roleStartGraceMs) return
+    const failover = (work: () => Promise<void>): void => {
+      if (now - this.lastFailoverAt < failoverRetryMs) return
+      this.lastFailoverAt = now
+      this.failingOver = work().finally(() => {
+        this.failingOver = undefined
+      })
+    }
+    if (role.type === 'primary' && role.degraded) {
+      if (this.options.witness?.leaseValid(now) === true) this.regainQuorum()
+      else this.loseQuorum('this node lost its witness lease while running alone')
+      failover(() => this.reattach(role.device))
+      return
+    }
+    if (role.type === 'primary') {
+      if (role.device.connected) {
+        this.disconnectedSince = undefined
+        this.detaching = false
+        if (this.peerLeaseEnd > now) this.regainQuorum()
+        return
+      }
+      this.disconnectedSince ??= now
+      if (now - this.disconnectedSince < peerLossMs) return
+      // The peer is gone: renew its lease no more, and once it has surely expired (the peer
+      // then serves nothing), ask the witness to run alone.
+      this.detaching = true
+      if (now < grantorLeaseEnd(this.peerGrantedAt, this.peerTiming)) return
+      failover(() => this.degrade(role.device))
+      return
+    }
+    if (role.type === 'secondary') {
+      if (this.peerLeaseEnd > now) {
+        this.detaching = false
+        this.regainQuorum()
+        return
+      }
+      this.detaching = true
+      if (this.record.state !== 'UpToDate') {
+        this.loseQuorum(
+          `the primary ${role.expectedPrimary} is unreachable and this replica is ${this.record.state}`,
+        )
+        return
+      }
+      if (now < grantorLeaseEnd(this.peerGrantedAt, this.peerTiming)) return
+      failover(() => this.takeOver(role))
+    }
+  }
+
+  private renewPeerLease(now: number): void {
+    if (this.renewing || now - this.lastRenewAt < peerRenewIntervalMs) return
+    this.renewing = true
+    this.lastRenewAt = now
+    const epoch = this.record.epoch
+    this.options.control
+      .renewLease(
+        { volume: this.name, fromNode: this.options.nodeName, epoch },
+        this.peerTiming.leaseMs / 2,
+      )
+      .then(
+        (reply) => {
+          if (reply.granted && epoch === this.record.epoch) {
+            this.peerLeaseEnd = Math.max(this.peerLeaseEnd, holderLeaseEnd(now, this.peerTiming))
+          }
+        },
+        () => undefined,
+      )
+      .finally(() => {
+        this.renewing = false
+      })
+  }
+
+  /** The peer is gone: ask the witness to run alone in a new generation. */
+  private async degrade(device: PrimaryVolume): Promise<void> {
+    const witness = this.options.witness
+    if (witness === undefined) return
+    const me = this.options.nodeName
+    let grant: VolumeRecord
+    try {
+      grant = await witness.degrade({ volume: this.name, node: me, epoch: this.record.epoch })
+    } catch (error) {
+      const record = witness.record(this.name)
+      if (
+        isDuplexError(error, 'FAILED_PRECONDITION') &&
+        record !== undefined &&
+        record.owner !== me
+      ) {
+        await this.yieldTo(record)
+        return
+      }
+      this.failoverFailed(
+        error,
+        `${this.options.peerName} is unreachable and the witness did not let this node run alone (${errorMessage(error)})`,
+      )
+      return
+    }
+    if (this.role.type !== 'primary' || this.role.device !== device) return
+    this.options.log.warn('peer lost: running alone (degraded) by the witness grant', {
+      volume: this.name,
+      peer: this.options.peerName,
+      epoch: formatEpoch(grant.epoch),
+    })
+    const epoch = Math.max(grant.epoch, nextTerm(this.record.epoch))
+    await this.switchPrimary(device, true, 'the witness granted running alone', epoch)
+  }
+
+  /** The witness names another owner: this replica follows it, Outdated (it may lack writes). */
+  private async yieldTo(record: VolumeRecord): Promise<void> {
+    const role = this.role
+    this.gate(`${record.owner} owns ${this.name}`)
+    try {
+      if (role.type === 'primary') {
+        role.device.handOff(`${record.owner} owns the volume`)
+        await role.device.idle()
+      } else if (role.type === 'secondary') {
+        role.secondary.close(`${record.owner} owns the volume`)
+      }
+      const state = this.record.state === 'UpToDate' ? 'Outdated' : this.record.state
+      await this.persist({ epoch: record.epoch, primary: record.owner, state })
+      this.options.log.warn('another replica owns the volume; following it', {
+        volume: this.name,
+        owner: record.owner,
+        epoch: formatEpoch(record.epoch),
+        state,
+      })
+      this.becomeSecondary(record.owner)
+    } finally {
+      this.ungate()
+    }
+  }
+
+  /** The primary is gone: ask the witness to take over, alone, in a new generation. */
+  private async takeOver(role: Extract<Role, { type: 'secondary' }>): Promise<void> {
+    const witness = this.options.witness
+    if (witness === undefined) return
+    const me = this.options.nodeName
+    let grant: VolumeRecord
+    try {
+      grant = await witness.takeover({ volume: this.name, node: me, epoch: this.record.epoch })
+    } catch (error) {
+      const record = witness.record(this.name)
+      if (record !== undefined && record.owner !== me && !record.inSync) {
+        if (this.record.state === 'UpToDate') {
+          await this.persist({ ...this.record, state: 'Outdated' })
+        }
+        this.loseQuorum(
+          `${record.owner} runs ${this.name} alone and is unreachable from here; this replica is Outdated`,
+        )
+        return
+      }
+      this.failoverFailed(
+        error,
+        `the primary ${role.expectedPrimary} is unreachable and the witness did not grant a takeover (${errorMessage(error)})`,
+      )
+      return
+    }
+    if (this.role !== role) return
+    this.gate('taking over')
+    try {
+      role.secondary.close('this node took over')
+      await this.persist({ epoch: grant.epoch, primary: me, state: 'UpToDate' })
+      this.options.log.warn('primary lost: took over, running alone (degraded)', {
+        volume: this.name,
+        from: role.expectedPrimary,
+        epoch: formatEpoch(grant.epoch),
+      })
+      await this.becomePrimary(true)
+    } finally {
+      this.ungate()
+    }
+  }
+
+  /** Degraded: when the peer answers again, replicate to it again and resync it. */
+  private async reattach(device: PrimaryVolume): Promise<void> {
+    let peer: DescribeReply
+    try {
+      peer = await this.options.control.describe(this.name, peerProbeTimeoutMs)
+    } catch {
+      return
+    }
+    if (!peer.exists || peer.sizeBytes !== this.info.sizeBytes) return
+    if (peer.primary === this.options.peerName && peer.epoch > this.record.epoch) {
+      this.options.log.error('the peer runs the volume in a newer epoch: split brain?', {
+        volume: this.name,
+        peerEpoch: formatEpoch(peer.epoch),
+        epoch: formatEpoch(this.record.epoch),
+      })
+      return
+    }
+    if (this.role.type !== 'primary' || this.role.device !== device) return
+    this.options.log.info('peer is back: replicating again, then resyncing it', {
+      volume: this.name,
+      peer: this.options.peerName,
+      dirtyBytes: this.dirty.dirtyBytes,
+      resyncBytes: this.resyncBytes,
+    })
+    await this.switchPrimary(device, false, 'the peer is back')
+  }
+
+  private async loadDirty(): Promise<void> {
+    try {
+      const bits = await this.options.store.dirtyBits(this.name)
+      if (bits === undefined) return
+      if (bits.length !== DirtyMap.bitsLength(this.info.sizeBytes)) {
+        throw new DuplexError('STORE_CORRUPT', `dirty bitmap of ${bits.length} bytes`)
+      }
+      const loaded = new DirtyMap(this.info.sizeBytes, undefined, bits)
+      for (const range of loaded.ranges()) this.dirty.mark(range.offset, range.length)
+      this.options.log.info('dirty regions from before the restart', {
+        volume: this.name,
+        bytes: this.dirty.dirtyBytes,
+      })
+    } catch (error) {
+      // Without it, the activity log still covers the writes made alone since the last flush;
+      // mark everything to be safe.
+      this.options.log.error('cannot load the dirty bitmap; the whole volume will be resynced', {
+        volume: this.name,
+        error: errorMessage(error),
+      })
+      this.dirty.mark(0, this.info.sizeBytes)
+    }
+  }
+
+  private async persistDirty(sync: boolean): Promise<void> {
+    if (!this.dirty.hasChanges) return
+    try {
+      await this.options.store.setDirtyBits(this.name, this.dirty.takeChanges(), sync)
+    } catch (error) {
+      this.options.log.warn('cannot persist the dirty bitmap', { error: errorMessage(error) })
     }
   }
 
@@ -721,34 +1298,45 @@ export class ReplicaController implements BlockDevice {
     this.changed.notify()
   }
 
-  /** Waits until the role is settled (started, no change under way), up to roleWaitMs. */
-  private async settled(): Promise<Role> {
+  /**
+   * Waits until the role is settled (started, no change under way) and may serve `access`, up to
+   * roleWaitMs; once quorum is lost, `onLostQuorum` decides: fail at once, or wait for service.
+   */
+  private async settled(access: Access): Promise<Role> {
+    const suspend = this.options.onLostQuorum === 'suspend'
     const deadline = performance.now() + this.roleWaitMs
     for (;;) {
       const role = this.role
       if (role.type === 'closed') {
         throw new DuplexError('SHUTTING_DOWN', `volume ${this.name} is closing on this node`)
       }
-      if (role.type !== 'starting' && this.gated === undefined) return role
-      const left = deadline - performance.now()
-      if (left <= 0) {
-        throw new DuplexError(
-          'UNAVAILABLE',
-          `volume ${this.name} is not available: ${this.gated ?? this.waiting ?? 'starting'}`,
-        )
+      if (role.type !== 'starting' && this.gated === undefined) {
+        if (this.mayServe(role, access)) return role
+        if (this.quorumLost !== undefined && !suspend) throw this.lostQuorumError()
       }
-      await this.changed.wait(left)
+      const left =
+        suspend && this.quorumLost !== undefined ? roleWaitMsDefault : deadline - performance.now()
+      if (left <= 0) {
+        const why = this.gated ?? this.quorumLost ?? this.waiting ?? 'starting'
+        throw new DuplexError('UNAVAILABLE', `volume ${this.name} is not available: ${why}`)
+      }
+      await this.changed.wait(Math.min(left, failoverTickMs))
     }
   }
 
   /** Runs a client request with the role settled, counted so that a handover can drain. */
-  private run<T>(fn: (role: Role) => Promise<T>): Promise<T> {
+  private run<T>(access: Access, fn: (role: Role) => Promise<T>): Promise<T> {
     const role = this.role
     // The common case, on every request: settled already, no waiting (and no extra await).
-    if (role.type !== 'starting' && role.type !== 'closed' && this.gated === undefined) {
+    if (
+      role.type !== 'starting' &&
+      role.type !== 'closed' &&
+      this.gated === undefined &&
+      this.mayServe(role, access)
+    ) {
       return this.runIn(role, fn)
     }
-    return this.settled().then((settled) => this.runIn(settled, fn))
+    return this.settled(access).then((settled) => this.runIn(settled, fn))
   }
 
   private runIn<T>(role: Role, fn: (role: Role) => Promise<T>): Promise<T> {
@@ -772,23 +1360,44 @@ export class ReplicaController implements BlockDevice {
     while (this.inflight > 0) await this.idle.wait(1000)
   }
 
-  private async mutate(mutation: Mutation, source: 'local' | 'forwarded'): Promise<void> {
+  private mutate(mutation: Mutation, source: 'local' | 'forwarded'): Promise<void> {
+    return this.retrying(source, () =>
+      this.run('write', (role) => this.mutateAs(role, mutation, source)),
+    )
+  }
+
+  /**
+   * Runs `attempt`, and again once the role settles when a role change is under way: the peer is
+   * not primary yet (or any more), the peer restarted or a failover moved this node to a new
+   * epoch (the request was never acknowledged, so issuing it again there is safe: the old
+   * epoch's local writes finish before the new epoch starts), or the primary is unreachable
+   * while a failover may still bring service back.
+   */
+  private async retrying<T>(source: 'local' | 'forwarded', attempt: () => Promise<T>): Promise<T> {
     let deadline: number | undefined // taken at the first failure: none on the common path
     for (;;) {
       try {
-        await this.run((role) => this.mutateAs(role, mutation, source))
-        return
+        return await attempt()
       } catch (error) {
-        // Try again once the role settles when a role change is under way: the peer is not
-        // primary yet (or any more), or the peer restarted and this node continues in a new
-        // epoch (the request was never acknowledged, so issuing it again there is safe: the
-        // old epoch's local writes finish before the new epoch starts).
         deadline ??= performance.now() + this.roleWaitMs
-        const retry =
-          performance.now() + forwardRetryMs < deadline &&
-          (error instanceof PeerRestarted ||
-            (source === 'local' && isDuplexError(error, 'NOT_PRIMARY')))
-        if (!retry) throw error
+        const unreachable =
+          this.options.witness !== undefined &&
+          isDuplexError(error, 'UNAVAILABLE') &&
+          !(error instanceof PeerRestarted)
+        if (
+          unreachable &&
+          this.quorumLost !== undefined &&
+          this.options.onLostQuorum !== 'suspend'
+        ) {
+          throw this.lostQuorumError()
+        }
+        const suspended = this.quorumLost !== undefined && this.options.onLostQuorum === 'suspend'
+        const retryable =
+          error instanceof PeerRestarted ||
+          (source === 'local' && (isDuplexError(error, 'NOT_PRIMARY') || unreachable))
+        if (!retryable || (!suspended && performance.now() + forwardRetryMs >= deadline)) {
+          throw error
+        }
         await this.changed.wait(forwardRetryMs)
       }
     }

@@ -111,6 +111,8 @@ interface PendingRequest {
   zero: ZeroOptions | undefined
   /** Set for the copies of `sync`: what is sent is read from this replica once the range is ours. */
   sync: SyncCopy | undefined
+  /** The range a write, trim, zero or copy changes (empty for a flush). */
+  range: ByteRange
 }
 
 /**
@@ -153,6 +155,11 @@ export interface PrimaryVolumeOptions {
   onPeerConnected?: () => void
   /** Hot extents to keep at most (see hotExtentsTargetDefault). */
   hotExtentsTarget?: number
+  /**
+   * False: keep every hot extent (the owner still has dirty regions whose bitmap may not be
+   * durable; the activity log is their crash record).
+   */
+  coolingAllowed?: () => boolean
   /**
    * Degraded: the witness granted this node sole ownership of `epoch`. No peer stream; writes
    * complete locally and their ranges are marked in `dirty` (which the owner persists).
@@ -272,6 +279,7 @@ export class PrimaryVolume implements BlockDevice {
         data: undefined,
         zero: undefined,
         sync: undefined,
+        range: { offset: 0, length: 0 },
       })
       this.events.push({ type: 'clientFlush', requestId })
     })
@@ -303,6 +311,7 @@ export class PrimaryVolume implements BlockDevice {
     const target = this.options.hotExtentsTarget ?? hotExtentsTargetDefault
     if (this.cooling || this.closing || this.failure !== undefined) return
     if (this.core.hotExtents().length <= target || !this.core.isConnected) return
+    if (this.options.coolingAllowed?.() === false) return
     this.cooling = true
     try {
       if (this.core.coolable().length === 0) await this.flush()
@@ -320,6 +329,26 @@ export class PrimaryVolume implements BlockDevice {
 
   private isClosing(): boolean {
     return this.closing
+  }
+
+  /**
+   * The owner continues in another volume (a new epoch, degraded or paired again): stop, and
+   * fail every pending request with PeerRestarted so that the owner issues it again there. None
+   * was acknowledged; their local writes finish before `idle()` resolves. Returns the ranges
+   * they change: the peer may lack them.
+   */
+  handOff(why: string): ByteRange[] {
+    const ranges = [...this.requests.values()]
+      .map((request) => request.range)
+      .filter((range) => range.length > 0)
+    this.fail(
+      new PeerRestarted(`volume ${this.info.name}: ${why}; requests continue in a new epoch`),
+    )
+    this.closing = true
+    clearInterval(this.coolTimer)
+    clearTimeout(this.reconnectTimer)
+    this.stream?.close('SHUTTING_DOWN', why)
+    return ranges
   }
 
   /** Stops reconnecting and closes the stream; requests still pending fail. */
@@ -343,7 +372,15 @@ export class PrimaryVolume implements BlockDevice {
     await this.admitted(op.kind, op.length)
     return new Promise((resolve, reject) => {
       const requestId = this.nextRequestId++
-      this.requests.set(requestId, { resolve, reject, kind: op.kind, data, zero, sync: undefined })
+      this.requests.set(requestId, {
+        resolve,
+        reject,
+        kind: op.kind,
+        data,
+        zero,
+        sync: undefined,
+        range: { offset: op.offset, length: op.length },
+      })
       this.events.push({ type: 'clientWrite', requestId, ...op })
     })
   }
@@ -403,6 +440,7 @@ export class PrimaryVolume implements BlockDevice {
         data: undefined,
         zero: undefined,
         sync: { wire: undefined, deferred: undefined },
+        range: { offset: chunk.offset, length: chunk.length },
       })
       this.events.push({
         type: 'clientWrite',
@@ -580,7 +618,9 @@ export class PrimaryVolume implements BlockDevice {
 
   /** Nothing safe is left to do for this volume: fail everything, acknowledge nothing more. */
   private fail(failure: DuplexError): void {
-    this.options.log.error('replicated volume failed', { reason: failure.message })
+    if (!(failure instanceof PeerRestarted)) {
+      this.options.log.error('replicated volume failed', { reason: failure.message })
+    }
     this.failure = failure
     for (const [, request] of this.requests) request.reject(failure)
     this.requests.clear()

@@ -19,6 +19,7 @@
  *   configured); the other waits for it as an Inconsistent secondary and is filled by the
  *   initial sync.
  * - A replica at epoch 0 whose peer has joined (epoch > 0) is Inconsistent, whatever it says.
+ * - A replica whose peer ran alone (`dirty`) in a newer epoch is Outdated: it missed writes.
  * - The newer record names this node: primary in a new epoch if this replica is UpToDate. If it is
  *   not (this node lost its disk and was rebuilt empty), the peer must take over: ask it to.
  * - The newer record names the peer: secondary of the peer in that epoch.
@@ -30,7 +31,9 @@ export interface PeerView {
   exists: boolean
   epoch: number
   primary: string
-  state: 'UpToDate' | 'Inconsistent'
+  state: 'UpToDate' | 'Inconsistent' | 'Outdated'
+  /** The peer ran the volume alone (degraded): a replica behind it missed writes. */
+  dirty?: boolean
 }
 
 export interface RoleInput {
@@ -74,10 +77,17 @@ export function decideRole(input: RoleInput): RoleDecision {
       expectedPrimary: input.configuredPrimary,
     }
   }
-  const truth = remoteRecord.epoch > local.epoch ? remoteRecord : local
+  const remoteNewer = remoteRecord.epoch > local.epoch
+  const truth = remoteNewer ? remoteRecord : local
   // A replica that never joined a pair holds nothing the pair wrote: whatever its own record
-  // says (a volume created here by hand), it must be filled from a peer that has joined.
-  const state = local.epoch === 0 && remoteRecord.epoch > 0 ? 'Inconsistent' : local.state
+  // says (a volume created here by hand), it must be filled from a peer that has joined. One
+  // whose peer ran alone (degraded) in a newer epoch missed those writes: it is Outdated.
+  const state =
+    local.epoch === 0 && remoteRecord.epoch > 0
+      ? 'Inconsistent'
+      : remoteNewer && remote.dirty === true && local.state === 'UpToDate'
+        ? 'Outdated'
+        : local.state
   if (truth.primary === me && state !== 'UpToDate') {
     if (remoteRecord.state === 'UpToDate') {
       return {

@@ -55,8 +55,11 @@ export interface ReplicaRecord {
   epoch: number
   /** The node that is primary in `epoch` ('' while epoch is 0). */
   primary: string
-  /** Inconsistent until a full initial sync from the primary completed. */
-  state: 'UpToDate' | 'Inconsistent'
+  /**
+   * Inconsistent until a full initial sync from the primary completed; Outdated when it missed
+   * writes while its peer ran alone (a resync of the dirty regions makes it UpToDate again).
+   */
+  state: 'UpToDate' | 'Inconsistent' | 'Outdated'
 }
 
 export interface NodeStoreOptions {
@@ -464,7 +467,9 @@ function checkedReplica(value: unknown, what: string): ReplicaRecord {
   const { epoch, primary, state } = value as Record<string, unknown>
   if (typeof epoch !== 'number' || !Number.isSafeInteger(epoch) || epoch < 0) throw fail('epoch')
   if (typeof primary !== 'string' || epoch > 0 !== primary.length > 0) throw fail('primary')
-  if (state !== 'UpToDate' && state !== 'Inconsistent') throw fail('state')
+  if (state !== 'UpToDate' && state !== 'Inconsistent' && state !== 'Outdated') {
+    throw fail('state')
+  }
   return { epoch, primary, state }
 }
 

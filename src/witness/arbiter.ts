@@ -14,6 +14,8 @@
  * - `takeover`: the other replica asks to become the sole owner. Granted only if the volume was in
  *   sync in the requester's generation (so its replica holds every acknowledged write) and the
  *   owner's node lease has surely expired (lease.ts); otherwise the owner is alive and wins.
+ *   Refusals that may turn into a grant later (a lease not expired yet, the restart pause) are
+ *   UNAVAILABLE; the others FAILED_PRECONDITION.
  * - `handover`: the owner, in sync and drained, hands the role to its peer in a new generation.
  * - `report`: a node says what it runs. The owner of the current generation may advance the term
  *   and say whether its peer is in sync (after a resync); a higher generation than the witness
@@ -179,9 +181,10 @@ export class Arbiter {
     }
     if (generationOf(epoch) < generationOf(record.epoch)) return stale(request, record)
     if (this.leaseMayBeValid(record.owner, now)) {
+      // Not yet: the owner may be alive. UNAVAILABLE: asking again later may succeed.
       return refuse(
-        'FAILED_PRECONDITION',
-        `${record.owner} still holds its lease (it is alive) and keeps ${volume}`,
+        'UNAVAILABLE',
+        `${record.owner} still holds its lease (it may be alive) and keeps ${volume}`,
       )
     }
     return granted({ ...record, epoch: next(epoch, record), owner: node, inSync: false })

@@ -5,8 +5,8 @@
  */
 import fs from 'node:fs/promises'
 import path from 'node:path'
-import { duplex, freePorts, startNode, tempDir } from './node-process.js'
-import type { NodeProcess } from './node-process.js'
+import { duplex, freePorts, startNode, startWitness, tempDir } from './node-process.js'
+import type { NodeProcess, WitnessProcess } from './node-process.js'
 
 export type PairNode = 'a' | 'b'
 
@@ -34,11 +34,19 @@ export interface PairOptions {
   followTheWriter?: unknown
   /** How long to wait for both replicas to be UpToDate; 20 s by default. */
   upToDateTimeoutMs?: number
+  /** Run a witness process too, named in the cluster file (failover on). */
+  witness?: boolean
+  /** The volume's `onLostQuorum` entry; left out when undefined. */
+  onLostQuorum?: 'error' | 'suspend'
 }
 
 export interface Pair {
   readonly a: NodeProcess
   readonly b: NodeProcess
+  /** The witness, with `witness: true`. */
+  readonly witness: WitnessProcess | undefined
+  /** Starts the witness again (same data directory and address) after it was stopped. */
+  restartWitness(): Promise<WitnessProcess>
   /** Directory holding the cluster file and both data directories. */
   readonly dir: string
   readonly clusterFile: string
@@ -95,7 +103,13 @@ export async function startPair(options: PairOptions = {}): Promise<Pair> {
     primary: 'node-a',
   }
   if (options.followTheWriter !== undefined) volume['followTheWriter'] = options.followTheWriter
+  if (options.onLostQuorum !== undefined) volume['onLostQuorum'] = options.onLostQuorum
+  let witness =
+    options.witness === true
+      ? await startWitness({ dataDir: path.join(dir, 'w'), extraArgs: ['--name', 'witness'] })
+      : undefined
   const cluster = {
+    ...(witness === undefined ? {} : { witness: witness.address }),
     nodes: [
       { name: 'node-a', domain: 'site-a', replication: `127.0.0.1:${base}` },
       { name: 'node-b', domain: 'site-b', replication: `127.0.0.1:${base + 1}` },
@@ -126,6 +140,7 @@ export async function startPair(options: PairOptions = {}): Promise<Pair> {
   }
   if (failures.length > 0) {
     await Promise.all(Object.values(nodes).map((node) => stopNode(node)))
+    await witness?.kill()
     await fs.rm(dir, { recursive: true, force: true })
     throw new Error(`starting the pair failed:\n${failures.join('\n')}`)
   }
@@ -143,6 +158,19 @@ export async function startPair(options: PairOptions = {}): Promise<Pair> {
     },
     get b() {
       return current.b
+    },
+    get witness() {
+      return witness
+    },
+    async restartWitness() {
+      if (witness === undefined) throw new Error('this pair has no witness')
+      await witness.stop()
+      witness = await startWitness({
+        dataDir: witness.dataDir,
+        listen: witness.address,
+        extraArgs: ['--name', 'witness'],
+      })
+      return witness
     },
     dir,
     clusterFile,
@@ -185,6 +213,7 @@ export async function startPair(options: PairOptions = {}): Promise<Pair> {
     },
     async stop() {
       const [a, b] = await Promise.all([stopNode(current.a), stopNode(current.b)])
+      await witness?.stop()
       return { a, b }
     },
     async destroy() {

@@ -255,8 +255,11 @@ export class NbdClient {
    * Reads one reply message: a simple reply (with `dataLength(cookie)` bytes of data when it
    * succeeded and that is non-zero, i.e. a simple read) or one structured chunk.
    */
-  async readReply(dataLength: (cookie: bigint) => number = () => 0): Promise<Reply> {
-    const magic = (await this.read(4)).readUInt32BE(0)
+  async readReply(
+    dataLength: (cookie: bigint) => number = () => 0,
+    timeoutMs = READ_TIMEOUT_MS,
+  ): Promise<Reply> {
+    const magic = (await this.read(4, timeoutMs)).readUInt32BE(0)
     if (magic === SIMPLE_REPLY_MAGIC) {
       const rest = await this.read(12)
       const errno = rest.readUInt32BE(0)
@@ -284,8 +287,12 @@ export class NbdClient {
   }
 
   /** Reads a simple reply and checks its cookie; returns the errno and any read data. */
-  async readSimple(cookie: bigint, dataLength = 0): Promise<{ errno: number; data?: Buffer }> {
-    const reply = await this.readReply(() => dataLength)
+  async readSimple(
+    cookie: bigint,
+    dataLength = 0,
+    timeoutMs = READ_TIMEOUT_MS,
+  ): Promise<{ errno: number; data?: Buffer }> {
+    const reply = await this.readReply(() => dataLength, timeoutMs)
     if (reply.kind !== 'simple') throw new Error(`expected a simple reply, got chunk ${reply.type}`)
     if (reply.cookie !== cookie) throw new Error(`cookie ${reply.cookie} instead of ${cookie}`)
     return reply.data === undefined

@@ -136,14 +136,14 @@ t.test(
     refused(
       t,
       witness.takeover({ volume: 'v', node: 'b', epoch: G + 3 }, awake + 1000),
-      'FAILED_PRECONDITION',
+      'UNAVAILABLE',
       /a still holds its lease/,
     )
     const expired = grantorLeaseEnd(awake, timing)
     refused(
       t,
       witness.takeover({ volume: 'v', node: 'b', epoch: G + 3 }, expired - 1),
-      'FAILED_PRECONDITION',
+      'UNAVAILABLE',
       /lease/,
     )
     refused(

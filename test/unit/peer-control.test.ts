@@ -31,6 +31,8 @@ import type {
   PeerControlClientOptions,
   PeerControlHandlers,
   PromoteReply,
+  RenewLeaseReply,
+  RenewLeaseRequest,
   PromoteRequest,
   SyncCompleteRequest,
 } from '../../src/replica/peer-control.js'
@@ -73,15 +75,34 @@ class FakeNode implements PeerControlHandlers {
   async describe(volume: string): Promise<DescribeReply> {
     await this.enter('describe', volume)
     if (volume === 'missing') {
-      return { exists: false, epoch: 9, primary: 'x', state: 'UpToDate', sizeBytes: 1 }
+      return {
+        exists: false,
+        epoch: 9,
+        primary: 'x',
+        state: 'UpToDate',
+        sizeBytes: 1,
+        hotExtents: [3],
+        extentBytes: 4,
+        dirty: true,
+        bootId: 'b',
+      }
     }
     return {
       exists: true,
       epoch: 2 ** 53 - 1,
       primary: 'site-b',
-      state: 'UpToDate',
+      state: 'Outdated',
       sizeBytes: 2 ** 50,
+      hotExtents: [0, 2 ** 40],
+      extentBytes: 4 * 1024 * 1024,
+      dirty: true,
+      bootId: '0b0c1d5e-1b58-4f6e-9b8a-2f5d8c0e7a11',
     }
+  }
+
+  async renewLease(request: RenewLeaseRequest): Promise<RenewLeaseReply> {
+    await this.enter('renewLease', request)
+    return { granted: request.fromNode === 'site-a', epoch: request.epoch }
   }
 
   async forward(request: ForwardRequest): Promise<ForwardReply> {
@@ -187,14 +208,36 @@ void t.test('every call round-trips its fields', async (t) => {
     exists: true,
     epoch: 2 ** 53 - 1,
     primary: 'site-b',
-    state: 'UpToDate',
+    state: 'Outdated',
     sizeBytes: 2 ** 50,
+    hotExtents: [0, 2 ** 40],
+    extentBytes: 4 * 1024 * 1024,
+    dirty: true,
+    bootId: '0b0c1d5e-1b58-4f6e-9b8a-2f5d8c0e7a11',
   })
   t.same(
     await client.describe('missing'),
-    { exists: false, epoch: 0, primary: '', state: 'Inconsistent', sizeBytes: 0 },
+    {
+      exists: false,
+      epoch: 0,
+      primary: '',
+      state: 'Inconsistent',
+      sizeBytes: 0,
+      hotExtents: [],
+      extentBytes: 0,
+      dirty: false,
+      bootId: '',
+    },
     'a volume the peer does not hold: the other fields are not sent',
   )
+  t.same(await client.renewLease({ volume: 'demo', fromNode: 'site-a', epoch: 7 }), {
+    granted: true,
+    epoch: 7,
+  })
+  t.same(await client.renewLease({ volume: 'demo', fromNode: 'site-c', epoch: 7 }), {
+    granted: false,
+    epoch: 7,
+  })
 
   const xxh64 = await loadXxh64()
   const big = Buffer.alloc(forwardDataBytesMax, 0xa5)
@@ -236,6 +279,8 @@ void t.test('every call round-trips its fields', async (t) => {
     [
       { rpc: 'describe', request: 'demo' },
       { rpc: 'describe', request: 'missing' },
+      { rpc: 'renewLease', request: { volume: 'demo', fromNode: 'site-a', epoch: 7 } },
+      { rpc: 'renewLease', request: { volume: 'demo', fromNode: 'site-c', epoch: 7 } },
       { rpc: 'handover', request: handover },
       { rpc: 'promote', request: { volume: 'demo' } },
       { rpc: 'syncComplete', request: sync },
