@@ -1,14 +1,17 @@
 /**
  * `duplex demo` (what `npm start` runs): a local cluster on 127.0.0.1 for trying duplex out. Two
  * nodes, `node-a` in domain `site-a` and `node-b` in domain `site-b`, with the 1 GiB volume `demo`
- * replicated between them (node-a primary at first). The witness joins in a later issue.
+ * replicated between them (node-a primary at first), and the witness (domain `site-w`) that
+ * arbitrates when one of them fails.
  *
- * Ports from --port P: node-a NBD P, metrics P+1, replication P+2; node-b P+3, P+4, P+5.
+ * Ports from --port P: node-a NBD P, metrics P+1, replication P+2; node-b P+3, P+4, P+5; the
+ * witness P+6 (gRPC) and P+7 (metrics).
  *
  * Output contract, relied on by users and scripts (keep it stable): one line per process,
- * `NAME pid PID nbd://HOST:PORT/VOLUME metrics http://HOST:PORT/metrics`, then hints. State lives
- * in --dir (one directory per node and `cluster.json`) and is reused on the next run. Ctrl-C or
- * SIGTERM stops every process cleanly.
+ * `NAME pid PID nbd://HOST:PORT/VOLUME metrics http://HOST:PORT/metrics` for each node, then
+ * `witness pid PID witness HOST:PORT metrics http://HOST:PORT/metrics`, then hints. State lives
+ * in --dir (one directory per process and `cluster.json`) and is reused on the next run. Ctrl-C
+ * or SIGTERM stops every process cleanly.
  */
 import { spawn } from 'node:child_process'
 import type { ChildProcess } from 'node:child_process'
@@ -62,8 +65,22 @@ function demoNodes(port: number): DemoNode[] {
 export async function runDemo(args: DemoArgs): Promise<number> {
   const dir = path.resolve(args.dir)
   const nodes = demoNodes(args.port)
+  const witnessAddress = `127.0.0.1:${args.port + 6}`
+  const witnessMetrics = `127.0.0.1:${args.port + 7}`
   const clusterPath = path.join(dir, 'cluster.json')
-  await writeCluster(clusterPath, nodes)
+  await writeCluster(clusterPath, nodes, witnessAddress)
+  // The witness first: each node asks it what changed while it was away before it serves.
+  const witness = await startProcess('witness', [
+    'witness',
+    '--name',
+    'witness',
+    '--data-dir',
+    path.join(dir, 'witness'),
+    '--listen',
+    witnessAddress,
+    '--metrics-listen',
+    witnessMetrics,
+  ])
   // Both nodes start together: a new replica waits for its peer to learn whether it holds data.
   const startedOrFailed = await Promise.allSettled(
     nodes.map((node) =>
@@ -85,7 +102,7 @@ export async function runDemo(args: DemoArgs): Promise<number> {
   const started = startedOrFailed.flatMap((r) => (r.status === 'fulfilled' ? [r.value] : []))
   const failed = startedOrFailed.find((r) => r.status === 'rejected')
   if (failed !== undefined) {
-    for (const p of started) p.child.kill('SIGTERM')
+    for (const p of [...started, witness]) p.child.kill('SIGTERM')
     throw failed.reason
   }
   for (const [index, node] of nodes.entries()) {
@@ -97,6 +114,9 @@ export async function runDemo(args: DemoArgs): Promise<number> {
         `${metrics === undefined ? '' : ` metrics ${metrics}`}\n`,
     )
   }
+  process.stdout.write(
+    `witness pid ${witness.child.pid ?? '?'} witness ${witnessAddress} metrics http://${witnessMetrics}/metrics\n`,
+  )
   const [a, b] = nodes.map((node) => `nbd://127.0.0.1:${node.nbdPort}/${DEMO_VOLUME}`)
   const cluster = path.relative(process.cwd(), clusterPath) || clusterPath
   process.stdout.write(
@@ -108,11 +128,12 @@ export async function runDemo(args: DemoArgs): Promise<number> {
       `  duplex volume promote demo --node node-b --cluster ${cluster}\n` +
       `Press Ctrl-C to stop.\n`,
   )
-  return supervise(started)
+  return supervise([...started, witness])
 }
 
-async function writeCluster(file: string, nodes: DemoNode[]): Promise<void> {
+async function writeCluster(file: string, nodes: DemoNode[], witness: string): Promise<void> {
   const config = {
+    witness,
     nodes: nodes.map((node) => ({
       name: node.name,
       domain: node.domain,

@@ -15,6 +15,7 @@
  * UNAVAILABLE.
  */
 import { dirname, isAbsolute, join } from 'node:path'
+import { performance } from 'node:perf_hooks'
 import { fileURLToPath } from 'node:url'
 import * as grpc from '@grpc/grpc-js'
 import protobuf from 'protobufjs'
@@ -451,20 +452,44 @@ export interface UnaryClientOptions {
   what: string
 }
 
-/** Calls one server. One gRPC channel, connected lazily, reconnecting. */
+/** A channel stuck connecting this long is replaced (see `UnaryClient`). */
+const stuckConnectMs = 1000
+
+/**
+ * Calls one server. One gRPC channel, connected lazily, reconnecting.
+ *
+ * grpc-js sets no timeout on a TCP connect: after a link that silently dropped packets heals, a
+ * connect attempt begun during the outage waits for the kernel's SYN retries (up to ~2 min). So
+ * a call that fails while the channel is still CONNECTING, more than a second after the last
+ * replacement, replaces the channel: the next call starts a fresh connect.
+ */
 export class UnaryClient {
-  private readonly client: grpc.Client
+  private client: grpc.Client
   private closed = false
+  private replacedAt = performance.now()
 
   constructor(
     readonly address: string,
     private readonly options: UnaryClientOptions,
   ) {
-    this.client = new grpc.Client(
-      address,
-      options.credentials ?? grpc.credentials.createInsecure(),
-      options.channelOptions,
+    this.client = this.newClient()
+  }
+
+  private newClient(): grpc.Client {
+    return new grpc.Client(
+      this.address,
+      this.options.credentials ?? grpc.credentials.createInsecure(),
+      this.options.channelOptions,
     )
+  }
+
+  private replaceIfStuck(): void {
+    if (this.closed || performance.now() - this.replacedAt < stuckConnectMs) return
+    const state = this.client.getChannel().getConnectivityState(false)
+    if (state !== grpc.connectivityState.CONNECTING) return
+    this.client.close()
+    this.client = this.newClient()
+    this.replacedAt = performance.now()
   }
 
   /** Check, encode and send `request`; the reply, or the error it carried. */
@@ -506,6 +531,7 @@ export class UnaryClient {
         { deadline },
         (error, reply) => {
           if (error !== null) {
+            this.replaceIfStuck()
             reject(this.transportError(error))
             return
           }

@@ -532,6 +532,9 @@ export class ReplicaController implements BlockDevice {
     // names no difference any more.
     await this.options.store.activityLog(this.name)?.clear()
     await this.persist({ ...this.record, state: 'UpToDate' })
+    // The primary just reached this replica: give the leases time to be renewed before any
+    // failover decision is made on the new state.
+    this.roleStarted()
     this.options.log.info('replica is UpToDate', { volume: this.name, epoch: request.epoch })
   }
 
@@ -1091,6 +1094,7 @@ export class ReplicaController implements BlockDevice {
     try {
       grant = await witness.degrade({ volume: this.name, node: me, epoch: this.record.epoch })
     } catch (error) {
+      if (this.role.type !== 'primary' || this.role.device !== device) return
       const record = witness.record(this.name)
       if (
         isDuplexError(error, 'FAILED_PRECONDITION') &&
@@ -1146,10 +1150,13 @@ export class ReplicaController implements BlockDevice {
     const witness = this.options.witness
     if (witness === undefined) return
     const me = this.options.nodeName
+    const before = this.record
     let grant: VolumeRecord
     try {
       grant = await witness.takeover({ volume: this.name, node: me, epoch: this.record.epoch })
     } catch (error) {
+      // Decided on a state that changed meanwhile (e.g. a resync finished): decide again.
+      if (this.role !== role || this.record !== before) return
       const record = witness.record(this.name)
       if (record !== undefined && record.owner !== me && !record.inSync) {
         if (this.record.state === 'UpToDate') {
@@ -1166,6 +1173,8 @@ export class ReplicaController implements BlockDevice {
       )
       return
     }
+    // A grant is the witness's serialized decision: act on it while this replica is still the
+    // secondary that asked (the old owner, if alive, finds its stream refused and yields).
     if (this.role !== role) return
     this.gate('taking over')
     try {

@@ -14,6 +14,7 @@ const skip = await missingTools(['qemu-io'])
 interface Demo {
   firstLine: string
   secondLine: string
+  witnessLine: string
   stop(signal: NodeJS.Signals): Promise<number | null>
 }
 
@@ -26,14 +27,14 @@ async function startDemo(dir: string, port: number): Promise<Demo> {
   const exited = new Promise<number | null>((resolve) => child.once('exit', resolve))
   const lines = readline.createInterface({ input: child.stdout })
   const received: string[] = []
-  const twoLines = new Promise<string[]>((resolve) => {
+  const processLines = new Promise<string[]>((resolve) => {
     lines.on('line', (line) => {
       received.push(line)
-      if (received.length === 2) resolve(received)
+      if (received.length === 3) resolve(received)
     })
   })
-  const [firstLine = '', secondLine = ''] = await Promise.race([
-    twoLines,
+  const [firstLine = '', secondLine = '', witnessLine = ''] = await Promise.race([
+    processLines,
     exited.then((code) => {
       throw new Error(`demo exited with ${code ?? 'signal'} before printing:\n${stderr}`)
     }),
@@ -41,6 +42,7 @@ async function startDemo(dir: string, port: number): Promise<Demo> {
   return {
     firstLine,
     secondLine,
+    witnessLine,
     async stop(signal) {
       child.kill(signal)
       return exited
@@ -54,7 +56,7 @@ t.test(
   async (t) => {
     const dir = await tempDir('duplex-demo-')
     t.teardown(() => fs.rm(dir, { recursive: true, force: true }))
-    const port = await freePorts(6)
+    const port = await freePorts(8)
 
     let demo = await startDemo(dir, port)
     t.match(
@@ -70,6 +72,13 @@ t.test(
         `^node-b pid \\d+ nbd://127\\.0\\.0\\.1:${port + 3}/demo metrics http://127\\.0\\.0\\.1:${port + 4}/metrics$`,
       ),
       'and one line for the second node',
+    )
+    t.match(
+      demo.witnessLine,
+      new RegExp(
+        `^witness pid \\d+ witness 127\\.0\\.0\\.1:${port + 6} metrics http://127\\.0\\.0\\.1:${port + 7}/metrics$`,
+      ),
+      'and one for the witness',
     )
     const uri = `nbd://127.0.0.1:${port}/demo`
     const uriB = `nbd://127.0.0.1:${port + 3}/demo`
