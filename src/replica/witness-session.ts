@@ -120,12 +120,16 @@ export class WitnessSession {
       this.timing = answer.timing
       this.leaseEnd = Math.max(this.leaseEnd, holderLeaseEnd(sentAt, answer.timing))
       this.lastReply = performance.now()
-      if (this.failures > 0) this.options.log.info('witness reachable again', { witness: this.address })
+      if (this.failures > 0)
+        this.options.log.info('witness reachable again', { witness: this.address })
       this.failures = 0
     } catch (error) {
       this.failures += 1
       if (this.failures === 3) {
-        this.options.log.warn('witness unreachable', { witness: this.address, error: errorMessage(error) })
+        this.options.log.warn('witness unreachable', {
+          witness: this.address,
+          error: errorMessage(error),
+        })
       }
     } finally {
       this.inFlight = false
@@ -137,7 +141,8 @@ export class WitnessSession {
     const newer =
       known === undefined ||
       record.epoch > known.epoch ||
-      (record.epoch === known.epoch && (record.inSync !== known.inSync || record.owner !== known.owner))
+      (record.epoch === known.epoch &&
+        (record.inSync !== known.inSync || record.owner !== known.owner))
     if (newer) {
       this.records.set(record.volume, record)
       for (const listener of this.listeners) listener(record)
