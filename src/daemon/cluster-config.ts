@@ -26,7 +26,8 @@
  *   bytes, a valid volume size; `replicas` exactly two distinct known nodes in different failure
  *   domains; `primary` one of them; `followTheWriter` optional: false (default), true, or
  *   `{ "windowSeconds", "holdSeconds", "shareMin", "bytesMin" }` to tune the policy;
- *   `onLostQuorum` optional: what I/O does while this node's replica may not serve (its peer and
+ *   `resyncRate` optional: bytes per second a sync or resync may copy, like "100M"
+ *   (default: no limit); `onLostQuorum` optional: what I/O does while this node's replica may not serve (its peer and
  *   the witness are out of reach): "error" (default: fail with EIO so the hypervisor's HA can
  *   act) or "suspend" (hold requests until service is possible again).
  * - Unknown keys anywhere are errors: a typo must not silently fall back to a default.
@@ -58,6 +59,8 @@ export interface ClusterVolume {
   /** false: the primary stays put; otherwise the policy's settings (see follow-the-writer.ts). */
   followTheWriter: false | FollowTheWriterOptions
   onLostQuorum: OnLostQuorum
+  /** Bytes per second a sync or resync of this volume may copy (0: unlimited). */
+  resyncRateBytes: number
 }
 
 /** DRBD's on-no-quorum: fail I/O (io-error) or hold it (suspend-io). */
@@ -72,7 +75,15 @@ export interface ClusterConfig {
 
 const topKeys = ['witness', 'nodes', 'volumes']
 const nodeKeys = ['name', 'domain', 'replication']
-const volumeKeys = ['name', 'size', 'replicas', 'primary', 'followTheWriter', 'onLostQuorum']
+const volumeKeys = [
+  'name',
+  'size',
+  'replicas',
+  'primary',
+  'followTheWriter',
+  'onLostQuorum',
+  'resyncRate',
+]
 
 /** The rule of `validateVolumeName`, for node and domain names. */
 const namePattern = /^[a-z0-9][a-z0-9._-]*$/
@@ -304,7 +315,21 @@ function parseVolume(volumeJson: unknown, at: ConfigProblem, nodes: ClusterNode[
   }
   const followTheWriter = parseFollowTheWriter(entry['followTheWriter'], at.at('followTheWriter'))
   const onLostQuorum = parseOnLostQuorum(entry['onLostQuorum'], at.at('onLostQuorum'))
-  return { name, sizeBytes, replicas, primary, followTheWriter, onLostQuorum }
+  const resyncRateBytes = parseRate(entry['resyncRate'], at.at('resyncRate'))
+  return { name, sizeBytes, replicas, primary, followTheWriter, onLostQuorum, resyncRateBytes }
+}
+
+/** A rate like "100M" (bytes per second, size suffixes) or a number; absent: unlimited (0). */
+function parseRate(value: unknown, at: ConfigProblem): number {
+  if (value === undefined) return 0
+  if (typeof value !== 'string' && typeof value !== 'number') {
+    throw at.error(`expected bytes per second like "100M", got ${describe(value)}`)
+  }
+  const bytes = rethrowAt(at, () => (typeof value === 'string' ? parseSize(value) : value))
+  if (!Number.isSafeInteger(bytes) || bytes < 1024 * 1024) {
+    throw at.error(`${String(value)} is below 1 MiB per second; leave it out for no limit`)
+  }
+  return bytes
 }
 
 function parseOnLostQuorum(value: unknown, at: ConfigProblem): OnLostQuorum {

@@ -107,6 +107,7 @@ export class Replication implements ExportRegistry {
             incarnation,
             log: options.log,
             onLostQuorum: volume.onLostQuorum,
+            resyncRateBytes: volume.resyncRateBytes,
             ...(this.witness === undefined ? {} : { witness: this.witness }),
             ...(options.roleWaitMs === undefined ? {} : { roleWaitMs: options.roleWaitMs }),
           },

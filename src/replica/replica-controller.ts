@@ -116,6 +116,8 @@ export interface ReplicaControllerOptions {
   witness?: WitnessSession
   onLostQuorum?: OnLostQuorum
   peerLease?: LeaseTiming
+  /** Bytes per second a sync or resync may copy (0 or undefined: unlimited). */
+  resyncRateBytes?: number
 }
 
 /** A snapshot for status, metrics and tests. */
@@ -811,11 +813,15 @@ export class ReplicaController implements BlockDevice {
       bytes: this.syncBytesTotal,
     })
     try {
-      await device.sync(ranges, (range) => {
-        this.syncBytesDone += range.length
-        this.resyncBytes += range.length
-        this.dirty.clear(range.offset, range.length)
-      })
+      await device.sync(
+        ranges,
+        (range) => {
+          this.syncBytesDone += range.length
+          this.resyncBytes += range.length
+          this.dirty.clear(range.offset, range.length)
+        },
+        this.options.resyncRateBytes ?? 0,
+      )
       await device.flush()
       await this.options.control.syncComplete({
         volume: this.name,

@@ -26,6 +26,7 @@
  * need a resync (issue 4). Until then the volume refuses to acknowledge writes (they fail with
  * IO_ERROR, saying why): it never pretends the replicas are in sync.
  */
+import { performance } from 'node:perf_hooks'
 import { assert, unreachable } from '../core/assert.js'
 import { DuplexError, errorMessage } from '../core/errors.js'
 import type { Logger } from '../core/log.js'
@@ -391,12 +392,29 @@ export class PrimaryVolume implements BlockDevice {
    * each copy is ordered against client writes by the core, so a client write to the same range
    * lands on the peer after the copy. Resolves once every copy is acknowledged by the peer.
    * `onCopied` reports each range copied (both replicas hold it, not yet flushed).
+   * `rateBytesPerSecond` (0: unlimited) paces the data copies, so that a resync leaves the
+   * inter-site link and the disks to the clients.
    */
-  async sync(ranges: readonly ByteRange[], onCopied?: (range: ByteRange) => void): Promise<void> {
+  async sync(
+    ranges: readonly ByteRange[],
+    onCopied?: (range: ByteRange) => void,
+    rateBytesPerSecond = 0,
+  ): Promise<void> {
     const chunks = await this.syncPlan(ranges)
     let next = 0
+    // Pacing: data copies start no faster than the rate allows (holes cost nothing to send).
+    const started = performance.now()
+    let paced = 0
+    const pace = async (bytes: number): Promise<void> => {
+      if (rateBytesPerSecond <= 0) return
+      paced += bytes
+      const due = started + (paced / rateBytesPerSecond) * 1000
+      const wait = due - performance.now()
+      if (wait > 0) await new Promise((resolve) => setTimeout(resolve, wait))
+    }
     const worker = async (): Promise<void> => {
       for (let chunk = chunks[next++]; chunk !== undefined; chunk = chunks[next++]) {
+        if (!chunk.hole) await pace(chunk.length)
         await this.syncCopy(chunk)
         onCopied?.({ offset: chunk.offset, length: chunk.length })
       }

@@ -243,6 +243,32 @@ void t.test('sync copies the primary to an empty peer while writes continue', as
   t.equal(onA[MiB * 2], 3, 'the pre-existing data is there')
 })
 
+void t.test('a rate-limited sync copies no faster than its rate', async (t) => {
+  const pair = await startPair()
+  t.teardown(() => pair.stop())
+  await waitFor(() => pair.primary.connected)
+  const local = volumeOf(pair.a)
+  await local.write(0, Buffer.alloc(8 * MiB, 9), false)
+  const rate = 16 * MiB
+  const started = performance.now()
+  let copied = 0
+  await pair.primary.sync(
+    [{ offset: 0, length: 8 * MiB }],
+    (range) => {
+      copied += range.length
+    },
+    rate,
+  )
+  const seconds = (performance.now() - started) / 1000
+  t.equal(copied, 8 * MiB, 'everything was copied')
+  t.ok(
+    seconds >= 0.45,
+    `8 MiB at 16 MiB/s took ${seconds.toFixed(2)} s (at least 0.5 s, less one chunk)`,
+  )
+  const onB = await volumeOf(pair.b).read(0, 8 * MiB)
+  t.ok(onB.equals(await local.read(0, 8 * MiB)), 'and identical')
+})
+
 void t.test('the activity log is cooled once it grows past its target', async (t) => {
   const pair = await startPair({}, { hotExtentsTarget: 1 })
   t.teardown(() => pair.stop())

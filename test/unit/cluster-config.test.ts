@@ -28,6 +28,7 @@ function validJson() {
         primary: 'node-a',
         followTheWriter: true,
         onLostQuorum: 'suspend',
+        resyncRate: '100M',
       },
       { name: 'logs', size: 4 * MiB, replicas: ['node-b', 'node-c'], primary: 'node-c' },
     ] as Record<string, unknown>[],
@@ -65,6 +66,7 @@ t.test('a valid file round-trips into plain data', async (t) => {
         primary: 'node-a',
         followTheWriter: {},
         onLostQuorum: 'suspend',
+        resyncRateBytes: 100 * MiB,
       },
       {
         name: 'logs',
@@ -73,6 +75,7 @@ t.test('a valid file round-trips into plain data', async (t) => {
         primary: 'node-c',
         followTheWriter: false,
         onLostQuorum: 'error',
+        resyncRateBytes: 0,
       },
     ],
   })
@@ -101,19 +104,26 @@ t.test('empty or missing volumes are fine; nodes need at least one entry', async
   rejects(t, { nodes: json.nodes, volumes: 'none' }, 'volumes', 'expected a list')
 })
 
-t.test('the witness is optional and checked; onLostQuorum is error or suspend', async (t) => {
-  const json = validJson()
-  t.equal(parseClusterConfig({ nodes: json.nodes }, 'c').witness, undefined)
-  rejects(t, { ...json, witness: 'nowhere' }, 'witness', 'HOST:PORT')
-  rejects(t, { ...json, witness: 10900 }, 'witness')
-  const volume = { ...json.volumes[1], onLostQuorum: 'panic' }
-  rejects(
-    t,
-    { ...json, volumes: [volume] },
-    'volumes[0].onLostQuorum',
-    'expected "error" or "suspend"',
-  )
-})
+t.test(
+  'the witness is optional and checked; onLostQuorum and resyncRate are checked',
+  async (t) => {
+    const json = validJson()
+    t.equal(parseClusterConfig({ nodes: json.nodes }, 'c').witness, undefined)
+    rejects(t, { ...json, witness: 'nowhere' }, 'witness', 'HOST:PORT')
+    rejects(t, { ...json, witness: 10900 }, 'witness')
+    const volume = { ...json.volumes[1], onLostQuorum: 'panic' }
+    rejects(
+      t,
+      { ...json, volumes: [volume] },
+      'volumes[0].onLostQuorum',
+      'expected "error" or "suspend"',
+    )
+    const slow = { ...json.volumes[1], resyncRate: '10K' }
+    rejects(t, { ...json, volumes: [slow] }, 'volumes[0].resyncRate', 'below 1 MiB per second')
+    const bad = { ...json.volumes[1], resyncRate: 'fast' }
+    rejects(t, { ...json, volumes: [bad] }, 'volumes[0].resyncRate')
+  },
+)
 
 t.test('the top level must be an object', async (t) => {
   for (const json of [null, [], 'nodes', 3]) {
