@@ -13,7 +13,7 @@ import { runNodeCommand } from './node-command.js'
 import { runWitnessCommand } from './witness-command.js'
 import { createVolume, deleteVolume, listVolumes } from './volume-command.js'
 import { runDemo } from './demo.js'
-import { promoteVolume, replicationStatus } from './replication-command.js'
+import { promoteVolume, replicationStatus, verifyVolume } from './replication-command.js'
 import { ExitCode, reportError } from './output.js'
 import { DuplexError } from '../core/errors.js'
 import { nodeLeaseDefaults } from '../witness/lease.js'
@@ -116,7 +116,7 @@ async function main(argv: string[]): Promise<number> {
         .option('cluster', {
           type: 'string',
           default: process.env.DUPLEX_CLUSTER ?? '.duplex-demo/cluster.json',
-          describe: 'cluster file (promote, status); env DUPLEX_CLUSTER',
+          describe: 'cluster file (promote, status, verify); env DUPLEX_CLUSTER',
         })
         .command(
           'promote <name>',
@@ -136,6 +136,22 @@ async function main(argv: string[]): Promise<number> {
             c.option('output', { choices: ['table', 'json'] as const, default: 'table' as const }),
           (a) => {
             run(() => replicationStatus(a.cluster, a.output).then(() => undefined))
+          },
+        )
+        .command(
+          'verify <name>',
+          'compare the two replicas of a volume chunk by chunk (xxh64), online',
+          (c) =>
+            c
+              .positional('name', { type: 'string', demandOption: true })
+              .option('repair', {
+                type: 'boolean',
+                default: false,
+                describe: 'copy chunks that differ from the primary to the secondary',
+              })
+              .option('output', { choices: ['table', 'json'] as const, default: 'table' as const }),
+          (a) => {
+            run(() => verifyVolume(a.cluster, a.name, { repair: a.repair, output: a.output }))
           },
         )
         .command(
@@ -169,7 +185,7 @@ async function main(argv: string[]): Promise<number> {
             run(() => listVolumes(dataDir(a), a.output).then(() => undefined))
           },
         )
-        .demandCommand(1, 'name a volume command: create, delete, list, promote or status'),
+        .demandCommand(1, 'name a volume command: create, delete, list, promote, status or verify'),
     )
     .command(
       'demo',

@@ -304,6 +304,14 @@ export function readU64List(message: Fields, name: string, countMax: number): nu
   return value.map((_element: unknown, index) => readU64({ v: value[index] }, 'v'))
 }
 
+/** A repeated fixed64 field; at most `countMax` values. */
+export function readFixed64List(message: Fields, name: string, countMax: number): bigint[] {
+  const value = message[name]
+  if (!Array.isArray(value)) return fail(`${name} is not a list`)
+  if (value.length > countMax) fail(`${name} has more than ${countMax} elements`)
+  return value.map((_element: unknown, index) => readFixed64({ v: value[index] }, 'v'))
+}
+
 /** A repeated string field of names; at most `countMax`. */
 export function readNames(message: Fields, name: string, countMax: number): string[] {
   const value = message[name]

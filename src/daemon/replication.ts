@@ -224,6 +224,8 @@ export class Replication implements ExportRegistry {
       describe: (volume) => Promise.resolve().then(() => find(volume).describe()),
       renewLease: (request) =>
         Promise.resolve().then(() => find(request.volume).renewLease(request)),
+      checksum: (request) => Promise.resolve().then(() => find(request.volume).checksum(request)),
+      repair: (request) => Promise.resolve().then(() => find(request.volume).repair(request)),
       forward: (request) =>
         Promise.resolve().then(() => find(request.volume).serveForwarded(request)),
       handover: (request) => Promise.resolve().then(() => find(request.volume).handover(request)),

@@ -46,6 +46,8 @@ import {
   readString,
   readU64,
   readU64List,
+  readFixed64List,
+  readRepeated,
   remoteError,
   rpc as unaryRpc,
   textBytesMax,
@@ -162,6 +164,35 @@ export interface SyncCompleteRequest {
   fromNode: string
 }
 
+export interface ChecksumRequest {
+  volume: string
+  offset: number
+  length: number
+  chunkBytes: number
+}
+
+export interface ChecksumReply {
+  /** xxh64 of each chunk, in order. */
+  sums: bigint[]
+}
+
+export interface RepairRequest {
+  volume: string
+  ranges: { offset: number; length: number }[]
+}
+
+export interface RepairReply {
+  bytes: number
+}
+
+/** Bytes one Checksum call may cover. */
+export const checksumRangeBytesMax = 64 * MiB
+/** Chunk sizes a Checksum may use. */
+export const checksumChunkBytesMin = 4096
+export const checksumChunkBytesMax = 16 * MiB
+/** Ranges one Repair may name. */
+export const repairRangesMax = 4096
+
 export interface RenewLeaseRequest {
   volume: string
   fromNode: string
@@ -183,6 +214,8 @@ export interface PeerControlHandlers {
   promote(request: PromoteRequest): Promise<PromoteReply>
   syncComplete(request: SyncCompleteRequest): Promise<void>
   renewLease(request: RenewLeaseRequest): Promise<RenewLeaseReply>
+  checksum(request: ChecksumRequest): Promise<ChecksumReply>
+  repair(request: RepairRequest): Promise<RepairReply>
 }
 
 /** A forward request as it travels: with the xxh64 of a WRITE's data (0 otherwise). */
@@ -419,6 +452,74 @@ const renewLeaseRpc = rpc<RenewLeaseRequest, RenewLeaseReply>('RenewLease', {
   }),
 })
 
+function checksumRequestProblem(request: ChecksumRequest): Problem {
+  const { offset, length, chunkBytes } = request
+  return firstProblem(
+    nameProblem(request.volume, 'volume'),
+    uintProblem(offset, 'offset'),
+    uintProblem(length, 'length'),
+    uintProblem(chunkBytes, 'chunkBytes'),
+    length > checksumRangeBytesMax ? `length ${length} above ${checksumRangeBytesMax}` : undefined,
+    chunkBytes < checksumChunkBytesMin || chunkBytes > checksumChunkBytesMax
+      ? `chunkBytes ${chunkBytes} outside ${checksumChunkBytesMin}..${checksumChunkBytesMax}`
+      : undefined,
+  )
+}
+
+const checksumRpc = rpc<ChecksumRequest, ChecksumReply>('Checksum', {
+  requestProblem: checksumRequestProblem,
+  writeRequest: (request) => ({ ...request }),
+  readRequest: (message) => {
+    const request = {
+      volume: readName(message, 'volume'),
+      offset: readU64(message, 'offset'),
+      length: readU64(message, 'length'),
+      chunkBytes: readU64(message, 'chunkBytes'),
+    }
+    failOn(checksumRequestProblem(request))
+    return request
+  },
+  replyProblem: (reply) =>
+    reply.sums.length > checksumRangeBytesMax / checksumChunkBytesMin ? 'too many sums' : undefined,
+  writeReply: (reply) => ({ sums: reply.sums.map(fixed64) }),
+  readReply: (message) => ({
+    sums: readFixed64List(message, 'sums', checksumRangeBytesMax / checksumChunkBytesMin),
+  }),
+})
+
+function repairRequestProblem(request: RepairRequest): Problem {
+  return firstProblem(
+    nameProblem(request.volume, 'volume'),
+    request.ranges.length > repairRangesMax ? `more than ${repairRangesMax} ranges` : undefined,
+    ...request.ranges.map((range) =>
+      firstProblem(
+        uintProblem(range.offset, 'offset'),
+        uintProblem(range.length, 'length'),
+        uintProblem(range.offset + range.length, 'range end'),
+      ),
+    ),
+  )
+}
+
+const repairRpc = rpc<RepairRequest, RepairReply>('Repair', {
+  requestProblem: repairRequestProblem,
+  writeRequest: (request) => ({ volume: request.volume, ranges: request.ranges }),
+  readRequest: (message) => {
+    const request = {
+      volume: readName(message, 'volume'),
+      ranges: readRepeated(message, 'ranges', repairRangesMax, (range) => ({
+        offset: readU64(range, 'offset'),
+        length: readU64(range, 'length'),
+      })),
+    }
+    failOn(repairRequestProblem(request))
+    return request
+  },
+  replyProblem: (reply) => uintProblem(reply.bytes, 'bytes'),
+  writeReply: (reply) => ({ bytes: reply.bytes }),
+  readReply: (message) => ({ bytes: readU64(message, 'bytes') }),
+})
+
 const syncCompleteRpc = rpc<SyncCompleteRequest, undefined>('SyncComplete', {
   requestProblem: syncCompleteRequestProblem,
   writeRequest: (request) => ({ ...request }),
@@ -444,6 +545,8 @@ export const peerService: grpc.ServiceDefinition = {
   Promote: method(promoteRpc),
   SyncComplete: method(syncCompleteRpc),
   RenewLease: method(renewLeaseRpc),
+  Checksum: method(checksumRpc),
+  Repair: method(repairRpc),
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -496,6 +599,8 @@ export async function addPeerControlService(
     Handover: unary(handoverRpc, (request) => handlers.handover(request), log, where),
     Promote: unary(promoteRpc, (request) => handlers.promote(request), log, where),
     RenewLease: unary(renewLeaseRpc, (request) => handlers.renewLease(request), log, where),
+    Checksum: unary(checksumRpc, (request) => handlers.checksum(request), log, where),
+    Repair: unary(repairRpc, (request) => handlers.repair(request), log, where),
     SyncComplete: unary(
       syncCompleteRpc,
       async (request) => {
@@ -585,6 +690,14 @@ export class PeerControlClient {
 
   renewLease(request: RenewLeaseRequest, deadlineMs?: number): Promise<RenewLeaseReply> {
     return this.client.invoke(renewLeaseRpc, request, deadlineMs)
+  }
+
+  checksum(request: ChecksumRequest, deadlineMs?: number): Promise<ChecksumReply> {
+    return this.client.invoke(checksumRpc, request, deadlineMs)
+  }
+
+  repair(request: RepairRequest, deadlineMs?: number): Promise<RepairReply> {
+    return this.client.invoke(repairRpc, request, deadlineMs)
   }
 
   /** Close the channel; calls after this reject with SHUTTING_DOWN. */

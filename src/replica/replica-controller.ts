@@ -45,8 +45,12 @@ import type {
   HandoverRequest,
   PeerControlClient,
   PromoteReply,
+  ChecksumReply,
+  ChecksumRequest,
   RenewLeaseReply,
   RenewLeaseRequest,
+  RepairReply,
+  RepairRequest,
   SyncCompleteRequest,
 } from './peer-control.js'
 import { PeerRestarted, PrimaryVolume, SecondaryVolume } from './replicated-volume.js'
@@ -56,6 +60,7 @@ import { decideRole } from './roles.js'
 import type { NodeStore, ReplicaRecord } from './store.js'
 import type { Volume } from './volume.js'
 import type { WitnessSession } from './witness-session.js'
+import { loadXxh64 } from './xxh64.js'
 
 /** How long a client request waits for a role change (or a start) before it fails. */
 export const roleWaitMsDefault = 30_000
@@ -369,6 +374,55 @@ export class ReplicaController implements BlockDevice {
       dirty: (this.role.type === 'primary' && this.role.degraded) || !this.dirty.isEmpty,
       bootId,
     }
+  }
+
+  /** xxh64 of each chunk of a range of this replica (`duplex volume verify`). */
+  async checksum(request: ChecksumRequest): Promise<ChecksumReply> {
+    const { offset, length, chunkBytes } = request
+    if (offset + length > this.info.sizeBytes) {
+      throw new DuplexError(
+        'OUT_OF_RANGE',
+        `${length} bytes at ${offset} are beyond the end of ${this.name} (${this.info.sizeBytes} bytes)`,
+      )
+    }
+    const xxh64 = await loadXxh64()
+    const sums: bigint[] = []
+    for (let at = offset; at < offset + length; at += chunkBytes) {
+      const bytes = Math.min(chunkBytes, offset + length - at)
+      sums.push(xxh64(await this.options.volume.read(at, bytes)))
+    }
+    return { sums }
+  }
+
+  /** Primary: copy these ranges to the peer again, ordered against client writes. */
+  async repair(request: RepairRequest): Promise<RepairReply> {
+    const role = await this.settled('write')
+    if (role.type !== 'primary' || role.degraded || !role.device.connected) {
+      throw new DuplexError(
+        'FAILED_PRECONDITION',
+        `${this.name} can be repaired only by its primary while both replicas are connected`,
+      )
+    }
+    for (const range of request.ranges) {
+      if (range.offset + range.length > this.info.sizeBytes) {
+        throw new DuplexError(
+          'OUT_OF_RANGE',
+          `range ${range.offset}+${range.length} is beyond the end of ${this.name}`,
+        )
+      }
+    }
+    const ranges = mergeRanges(request.ranges)
+    let bytes = 0
+    await role.device.sync(ranges, (range) => {
+      bytes += range.length
+    })
+    await role.device.flush()
+    this.options.log.warn('repaired ranges found different by verify', {
+      volume: this.name,
+      ranges: ranges.length,
+      bytes,
+    })
+    return { bytes }
   }
 
   /** The peer renews its lease on this replica (see lease.ts; ARCHITECTURE.md "Leases"). */

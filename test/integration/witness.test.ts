@@ -88,7 +88,7 @@ t.test('grants over gRPC, durable across kill -9, paused after a restart', async
   t.match(metrics, /duplex_witness_grants_total\{kind="takeover",witness="witness"\} 1/)
   t.match(
     metrics,
-    /duplex_witness_refusals_total\{kind="takeover",code="FAILED_PRECONDITION",witness="witness"\} 1/,
+    /duplex_witness_refusals_total\{kind="takeover",code="UNAVAILABLE",witness="witness"\} 1/,
   )
   t.match(metrics, /duplex_witness_volumes\{state="degraded",witness="witness"\} 1/)
 

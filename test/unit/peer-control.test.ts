@@ -31,8 +31,12 @@ import type {
   PeerControlClientOptions,
   PeerControlHandlers,
   PromoteReply,
+  ChecksumReply,
+  ChecksumRequest,
   RenewLeaseReply,
   RenewLeaseRequest,
+  RepairReply,
+  RepairRequest,
   PromoteRequest,
   SyncCompleteRequest,
 } from '../../src/replica/peer-control.js'
@@ -98,6 +102,16 @@ class FakeNode implements PeerControlHandlers {
       dirty: true,
       bootId: '0b0c1d5e-1b58-4f6e-9b8a-2f5d8c0e7a11',
     }
+  }
+
+  async checksum(request: ChecksumRequest): Promise<ChecksumReply> {
+    await this.enter('checksum', request)
+    return { sums: [0n, 2n ** 64n - 1n, 12345678901234567890n] }
+  }
+
+  async repair(request: RepairRequest): Promise<RepairReply> {
+    await this.enter('repair', request)
+    return { bytes: request.ranges.reduce((sum, range) => sum + range.length, 0) }
   }
 
   async renewLease(request: RenewLeaseRequest): Promise<RenewLeaseReply> {
@@ -238,6 +252,23 @@ void t.test('every call round-trips its fields', async (t) => {
     granted: false,
     epoch: 7,
   })
+  const checksum = { volume: 'demo', offset: 2 ** 40, length: 3 * 4096, chunkBytes: 4096 }
+  t.same(await client.checksum(checksum), {
+    sums: [0n, 2n ** 64n - 1n, 12345678901234567890n],
+  })
+  const repair = {
+    volume: 'demo',
+    ranges: [
+      { offset: 0, length: 10 },
+      { offset: 2 ** 50, length: 5 },
+    ],
+  }
+  t.same(await client.repair(repair), { bytes: 15 })
+  await t.rejects(
+    client.checksum({ ...checksum, length: 128 * 1024 * 1024 }),
+    AssertionError,
+    'a checksum of more than 64 MiB is refused before it is sent',
+  )
 
   const xxh64 = await loadXxh64()
   const big = Buffer.alloc(forwardDataBytesMax, 0xa5)
@@ -281,6 +312,8 @@ void t.test('every call round-trips its fields', async (t) => {
       { rpc: 'describe', request: 'missing' },
       { rpc: 'renewLease', request: { volume: 'demo', fromNode: 'site-a', epoch: 7 } },
       { rpc: 'renewLease', request: { volume: 'demo', fromNode: 'site-c', epoch: 7 } },
+      { rpc: 'checksum', request: checksum },
+      { rpc: 'repair', request: repair },
       { rpc: 'handover', request: handover },
       { rpc: 'promote', request: { volume: 'demo' } },
       { rpc: 'syncComplete', request: sync },
