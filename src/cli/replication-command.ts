@@ -227,7 +227,9 @@ export async function verifyVolume(
     } else {
       process.stdout.write(
         `${volumeName}: compared ${formatSize(result.bytesCompared)} in ${formatSize(verifyChunkBytes)} chunks; ` +
-          (result.differences.length === 0 ? 'the replicas are identical' : `${result.differences.length} chunks differ`) +
+          (result.differences.length === 0
+            ? 'the replicas are identical'
+            : `${result.differences.length} chunks differ`) +
           (options.repair && result.differences.length > 0
             ? `; repaired ${formatSize(result.repairedBytes)}, ${result.remaining.length} still differ`
             : '') +
