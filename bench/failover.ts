@@ -187,7 +187,12 @@ async function measureResync(dirtyMiB: number): Promise<ResyncResult> {
         if (total - sentBefore > sent) last = now
         sent = total - sentBefore
       }
-      if (first !== undefined && left === 0) break
+      if (first !== undefined && left === 0) {
+        // The two metrics were read one after the other: read the total once more.
+        sent =
+          (await metric(cluster.metrics.a, 'duplex_replication_resync_bytes_total')) - sentBefore
+        break
+      }
       if (now > deadline) throw new Error('resync did not finish in 10 min')
       await sleep(20)
     }

@@ -140,7 +140,7 @@ const syncDataChunkBytes = 1024 * 1024
 /** Runs of holes are sent as hole punches of at most this length. */
 const syncHoleChunkBytes = 32 * 1024 * 1024
 /** Copies in flight at once. */
-const syncParallel = 8
+const syncParallel = 32
 
 export interface PrimaryVolumeOptions {
   local: Volume
