@@ -13,6 +13,9 @@ export function runUntilStopped(stopDaemon: () => Promise<void>, log: Logger): P
       // An IPC channel from a supervisor keeps the event loop alive: let go of it.
       if (process.connected) process.disconnect()
       resolve(code)
+      // The daemon is stopped. A socket a frozen peer never closes (an HTTP/2 session to a
+      // SIGSTOPped client survives gRPC's forced shutdown) must not keep the process alive.
+      setTimeout(() => process.exit(code), 1000).unref()
     }
     const stop = (why: string): void => {
       stopping = true

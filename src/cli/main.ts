@@ -13,7 +13,12 @@ import { runNodeCommand } from './node-command.js'
 import { runWitnessCommand } from './witness-command.js'
 import { createVolume, deleteVolume, listVolumes } from './volume-command.js'
 import { runDemo } from './demo.js'
-import { promoteVolume, replicationStatus, verifyVolume } from './replication-command.js'
+import {
+  promoteVolume,
+  replicationStatus,
+  resolveVolume,
+  verifyVolume,
+} from './replication-command.js'
 import { ExitCode, reportError } from './output.js'
 import { DuplexError } from '../core/errors.js'
 import { nodeLeaseDefaults } from '../witness/lease.js'
@@ -116,7 +121,7 @@ async function main(argv: string[]): Promise<number> {
         .option('cluster', {
           type: 'string',
           default: process.env.DUPLEX_CLUSTER ?? '.duplex-demo/cluster.json',
-          describe: 'cluster file (promote, status, verify); env DUPLEX_CLUSTER',
+          describe: 'cluster file (promote, resolve, status, verify); env DUPLEX_CLUSTER',
         })
         .command(
           'promote <name>',
@@ -124,9 +129,39 @@ async function main(argv: string[]): Promise<number> {
           (c) =>
             c
               .positional('name', { type: 'string', demandOption: true })
-              .option('node', { type: 'string', demandOption: true, describe: 'the new primary' }),
+              .option('node', { type: 'string', demandOption: true, describe: 'the new primary' })
+              .option('force', {
+                type: 'boolean',
+                default: false,
+                describe: "run alone without the peer and the witness (the peer's site is gone)",
+              })
+              .option('yes', {
+                type: 'boolean',
+                default: false,
+                describe: 'confirm --force after reading the warning',
+              }),
           (a) => {
-            run(() => promoteVolume(a.cluster, a.name, a.node).then(() => undefined))
+            run(() =>
+              promoteVolume(a.cluster, a.name, a.node, { force: a.force, yes: a.yes }).then(
+                () => undefined,
+              ),
+            )
+          },
+        )
+        .command(
+          'resolve <name>',
+          'after a split brain: keep one replica, discard and refill the other',
+          (c) =>
+            c
+              .positional('name', { type: 'string', demandOption: true })
+              .option('keep', {
+                type: 'string',
+                demandOption: true,
+                describe: 'the node whose replica survives',
+              })
+              .option('yes', { type: 'boolean', default: false, describe: 'confirm' }),
+          (a) => {
+            run(() => resolveVolume(a.cluster, a.name, a.keep, a.yes).then(() => undefined))
           },
         )
         .command(
@@ -185,7 +220,10 @@ async function main(argv: string[]): Promise<number> {
             run(() => listVolumes(dataDir(a), a.output).then(() => undefined))
           },
         )
-        .demandCommand(1, 'name a volume command: create, delete, list, promote, status or verify'),
+        .demandCommand(
+          1,
+          'name a volume command: create, delete, list, promote, resolve, status or verify',
+        ),
     )
     .command(
       'demo',

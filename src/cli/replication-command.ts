@@ -4,6 +4,7 @@
  * in a later issue).
  */
 import { DuplexError, errorMessage } from '../core/errors.js'
+import { formatEpoch } from '../core/epochs.js'
 import { formatSize } from '../core/units.js'
 import { findNode, readClusterConfig } from '../daemon/cluster-config.js'
 import type { ClusterConfig, ClusterNode } from '../daemon/cluster-config.js'
@@ -24,11 +25,25 @@ function volumeOf(config: ClusterConfig, name: string): ClusterConfig['volumes']
   return volume
 }
 
-/** Moves the primary role of `volume` to `nodeName` without stopping I/O. */
+/** The warning `promote --force` prints: what the admin is risking. */
+export function forceWarning(volume: string, node: string, other: string): string {
+  return (
+    `WARNING: forcing ${node} to run ${volume} alone, without its peer ${other} and without the witness.\n` +
+    `  - If ${other} is still running and acknowledging writes (only its link to here is down), both\n` +
+    `    replicas now accept writes: a split brain. duplex detects it when they meet again and stops\n` +
+    `    resyncing; you then choose the survivor with \`duplex volume resolve ${volume} --keep NODE\`\n` +
+    `    and the other replica's writes since the split are lost.\n` +
+    `  - If ${node}'s replica is not UpToDate, clients will read data older than what ${other} acknowledged.\n` +
+    `Do this only when ${other}'s site and the witness are really gone.\n`
+  )
+}
+
+/** Moves the primary role of `volume` to `nodeName` without stopping I/O (or forces it). */
 export async function promoteVolume(
   clusterPath: string,
   volumeName: string,
   nodeName: string,
+  options: { force: boolean; yes: boolean } = { force: false, yes: false },
 ): Promise<void> {
   const config = await readClusterConfig(clusterPath)
   const volume = volumeOf(config, volumeName)
@@ -39,10 +54,56 @@ export async function promoteVolume(
       `${nodeName} holds no replica of ${volumeName} (its replicas: ${volume.replicas.join(', ')})`,
     )
   }
+  if (options.force) {
+    const other = volume.replicas.find((name) => name !== nodeName) ?? '?'
+    process.stderr.write(forceWarning(volumeName, nodeName, other))
+    if (!options.yes) {
+      throw new DuplexError(
+        'INVALID_ARGUMENT',
+        'a forced promotion needs --yes to confirm the risk above',
+      )
+    }
+  }
   const client = clientOf(node)
   try {
-    const reply = await client.promote({ volume: volumeName }, 60_000)
-    process.stdout.write(`${volumeName}: primary is ${reply.primary} (epoch ${reply.epoch})\n`)
+    const reply = await client.promote({ volume: volumeName, force: options.force }, 60_000)
+    process.stdout.write(
+      `${volumeName}: primary is ${reply.primary} (epoch ${formatEpoch(reply.epoch)})` +
+        `${options.force ? ', forced: it runs alone' : ''}\n`,
+    )
+  } finally {
+    client.close()
+  }
+}
+
+/** After a split brain: keep `keep`'s replica; the other one is discarded and refilled. */
+export async function resolveVolume(
+  clusterPath: string,
+  volumeName: string,
+  keep: string,
+  yes: boolean,
+): Promise<void> {
+  const config = await readClusterConfig(clusterPath)
+  const volume = volumeOf(config, volumeName)
+  if (!volume.replicas.includes(keep)) {
+    throw new DuplexError(
+      'INVALID_ARGUMENT',
+      `${keep} holds no replica of ${volumeName} (its replicas: ${volume.replicas.join(', ')})`,
+    )
+  }
+  const discard = volume.replicas.find((name) => name !== keep) ?? ''
+  const node = findNode(config, discard)
+  if (node === undefined)
+    throw new DuplexError('INVALID_ARGUMENT', `${discard} is not in the cluster file`)
+  process.stderr.write(
+    `${volumeName}: keeping ${keep}'s replica. ${discard}'s replica is discarded: the writes it ` +
+      `acknowledged alone since the split are lost, and it is refilled from ${keep} (a full sync).\n`,
+  )
+  if (!yes) throw new DuplexError('INVALID_ARGUMENT', 'resolving a split brain needs --yes')
+  const client = clientOf(node)
+  try {
+    await client.resolve({ volume: volumeName, keep }, 60_000)
+    process.stdout.write(`${volumeName}: ${discard} now follows ${keep} and is being refilled\n`)
   } finally {
     client.close()
   }

@@ -218,6 +218,17 @@ function registerReplicationMetrics(registry: Registry, replication: Replication
     },
   })
   new Gauge({
+    name: 'duplex_replica_split_brain',
+    help: "1 while this replica's history forks from its peer's: no automatic resync",
+    labelNames: ['volume'],
+    registers: [registry],
+    collect() {
+      for (const status of replication.status()) {
+        this.set({ volume: status.volume }, status.splitBrain === undefined ? 0 : 1)
+      }
+    },
+  })
+  new Gauge({
     name: 'duplex_replica_dirty_bytes',
     help: 'Bytes the peer lacks: regions written while running alone, not yet resynced',
     labelNames: ['volume'],

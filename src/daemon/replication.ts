@@ -229,7 +229,9 @@ export class Replication implements ExportRegistry {
       forward: (request) =>
         Promise.resolve().then(() => find(request.volume).serveForwarded(request)),
       handover: (request) => Promise.resolve().then(() => find(request.volume).handover(request)),
-      promote: (request) => Promise.resolve().then(() => find(request.volume).promote()),
+      promote: (request) =>
+        Promise.resolve().then(() => find(request.volume).promote(request.force === true)),
+      resolve: (request) => Promise.resolve().then(() => find(request.volume).resolve(request)),
       syncComplete: (request) =>
         Promise.resolve().then(() => find(request.volume).syncComplete(request)),
     }

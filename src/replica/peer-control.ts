@@ -60,6 +60,8 @@ import {
 } from '../core/unary-rpc.js'
 import type { Problem, Rpc, RpcCodec } from '../core/unary-rpc.js'
 import { peerKeepaliveTimeMs, peerKeepaliveTimeoutMs, peerMessageBytesMax } from './peer-link.js'
+import { generationHistoryMax } from './store.js'
+import type { GenerationEntry } from './store.js'
 import { loadXxh64 } from './xxh64.js'
 import type { Xxh64 } from './xxh64.js'
 
@@ -118,6 +120,8 @@ export interface DescribeReply {
   dirty: boolean
   /** The machine's boot id (src/core/boot-id.ts); '' when unknown. */
   bootId: string
+  /** The generations the replica entered (history.ts). */
+  history: GenerationEntry[]
 }
 
 export type ForwardKind = 'read' | 'write' | 'trim' | 'zero' | 'flush'
@@ -151,6 +155,8 @@ export interface HandoverReply {
 
 export interface PromoteRequest {
   volume: string
+  /** Without the peer and the witness: the admin takes the risk of a split brain. */
+  force?: boolean
 }
 
 export interface PromoteReply {
@@ -193,6 +199,11 @@ export const checksumChunkBytesMax = 16 * MiB
 /** Ranges one Repair may name. */
 export const repairRangesMax = 4096
 
+export interface ResolveRequest {
+  volume: string
+  keep: string
+}
+
 export interface RenewLeaseRequest {
   volume: string
   fromNode: string
@@ -216,6 +227,7 @@ export interface PeerControlHandlers {
   renewLease(request: RenewLeaseRequest): Promise<RenewLeaseReply>
   checksum(request: ChecksumRequest): Promise<ChecksumReply>
   repair(request: RepairRequest): Promise<RepairReply>
+  resolve(request: ResolveRequest): Promise<void>
 }
 
 /** A forward request as it travels: with the xxh64 of a WRITE's data (0 otherwise). */
@@ -242,6 +254,10 @@ function describeReplyProblem(reply: DescribeReply): Problem {
     uintProblem(reply.sizeBytes, 'sizeBytes'),
     uintProblem(reply.extentBytes, 'extentBytes'),
     textProblem(reply.bootId, 'bootId', 64, false),
+    reply.history.length > generationHistoryMax ? 'history too long' : undefined,
+    ...reply.history.map((entry) =>
+      firstProblem(uintProblem(entry.generation, 'generation'), nameProblem(entry.owner, 'owner')),
+    ),
     reply.hotExtents.length > describeHotExtentsMax
       ? `more than ${describeHotExtentsMax} hot extents`
       : undefined,
@@ -327,6 +343,7 @@ const describeRpc = rpc<{ volume: string }, DescribeReply>('Describe', {
       extentBytes: reply.extentBytes,
       dirty: reply.dirty,
       bootId: reply.bootId,
+      history: reply.history,
     }
   },
   readReply: (message) => {
@@ -340,6 +357,11 @@ const describeRpc = rpc<{ volume: string }, DescribeReply>('Describe', {
       extentBytes: readU64(message, 'extentBytes'),
       dirty: readBool(message, 'dirty'),
       bootId: readString(message, 'bootId'),
+      history: readRepeated(message, 'history', generationHistoryMax, (entry) => ({
+        generation: readU64(entry, 'generation'),
+        owner: readName(entry, 'owner'),
+        forced: readBool(entry, 'forced'),
+      })),
     }
     if (reply.exists) {
       failOn(describeReplyProblem({ ...reply, state: 'Inconsistent' }))
@@ -352,7 +374,8 @@ const describeRpc = rpc<{ volume: string }, DescribeReply>('Describe', {
       reply.hotExtents.length === 0 &&
       reply.extentBytes === 0 &&
       !reply.dirty &&
-      reply.bootId === ''
+      reply.bootId === '' &&
+      reply.history.length === 0
     if (!unset || reply.state !== undefined) fail('fields set for a volume that does not exist')
     return { ...reply, state: 'Inconsistent' }
   },
@@ -420,8 +443,11 @@ const handoverRpc = rpc<HandoverRequest, HandoverReply>('Handover', {
 
 const promoteRpc = rpc<PromoteRequest, PromoteReply>('Promote', {
   requestProblem: (request) => nameProblem(request.volume, 'volume'),
-  writeRequest: (request) => ({ volume: request.volume }),
-  readRequest: (message) => ({ volume: readName(message, 'volume') }),
+  writeRequest: (request) => ({ volume: request.volume, force: request.force ?? false }),
+  readRequest: (message) => ({
+    volume: readName(message, 'volume'),
+    force: readBool(message, 'force'),
+  }),
   replyProblem: (reply) =>
     firstProblem(uintProblem(reply.epoch, 'epoch'), nameProblem(reply.primary, 'primary')),
   writeReply: (reply) => ({ epoch: reply.epoch, primary: reply.primary }),
@@ -520,6 +546,19 @@ const repairRpc = rpc<RepairRequest, RepairReply>('Repair', {
   readReply: (message) => ({ bytes: readU64(message, 'bytes') }),
 })
 
+const resolveRpc = rpc<ResolveRequest, undefined>('Resolve', {
+  requestProblem: (request) =>
+    firstProblem(nameProblem(request.volume, 'volume'), nameProblem(request.keep, 'keep')),
+  writeRequest: (request) => ({ ...request }),
+  readRequest: (message) => ({
+    volume: readName(message, 'volume'),
+    keep: readName(message, 'keep'),
+  }),
+  replyProblem: () => undefined,
+  writeReply: () => ({}),
+  readReply: () => undefined,
+})
+
 const syncCompleteRpc = rpc<SyncCompleteRequest, undefined>('SyncComplete', {
   requestProblem: syncCompleteRequestProblem,
   writeRequest: (request) => ({ ...request }),
@@ -547,6 +586,7 @@ export const peerService: grpc.ServiceDefinition = {
   RenewLease: method(renewLeaseRpc),
   Checksum: method(checksumRpc),
   Repair: method(repairRpc),
+  Resolve: method(resolveRpc),
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -601,6 +641,15 @@ export async function addPeerControlService(
     RenewLease: unary(renewLeaseRpc, (request) => handlers.renewLease(request), log, where),
     Checksum: unary(checksumRpc, (request) => handlers.checksum(request), log, where),
     Repair: unary(repairRpc, (request) => handlers.repair(request), log, where),
+    Resolve: unary(
+      resolveRpc,
+      async (request) => {
+        await handlers.resolve(request)
+        return undefined
+      },
+      log,
+      where,
+    ),
     SyncComplete: unary(
       syncCompleteRpc,
       async (request) => {
@@ -698,6 +747,10 @@ export class PeerControlClient {
 
   repair(request: RepairRequest, deadlineMs?: number): Promise<RepairReply> {
     return this.client.invoke(repairRpc, request, deadlineMs)
+  }
+
+  resolve(request: ResolveRequest, deadlineMs?: number): Promise<void> {
+    return this.client.invoke(resolveRpc, request, deadlineMs)
   }
 
   /** Close the channel; calls after this reject with SHUTTING_DOWN. */

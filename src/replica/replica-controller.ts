@@ -26,7 +26,7 @@
 import { performance } from 'node:perf_hooks'
 import { DuplexError, errorMessage, isDuplexError } from '../core/errors.js'
 import { bootId } from '../core/boot-id.js'
-import { formatEpoch, nextTerm } from '../core/epochs.js'
+import { formatEpoch, generationOf, nextGeneration, nextTerm } from '../core/epochs.js'
 import type { Logger } from '../core/log.js'
 import type { VolumeRecord } from '../witness/arbiter.js'
 import { grantorLeaseEnd, holderLeaseEnd } from '../witness/lease.js'
@@ -51,11 +51,13 @@ import type {
   RenewLeaseRequest,
   RepairReply,
   RepairRequest,
+  ResolveRequest,
   SyncCompleteRequest,
 } from './peer-control.js'
 import { PeerRestarted, PrimaryVolume, SecondaryVolume } from './replicated-volume.js'
 import type { ByteRange } from './replicated-volume.js'
 import { activityLogExtentBytesDefault } from './replication.js'
+import { appendGeneration, describeFork, findFork } from './history.js'
 import { decideRole } from './roles.js'
 import type { NodeStore, ReplicaRecord } from './store.js'
 import type { Volume } from './volume.js'
@@ -152,6 +154,10 @@ export interface ReplicaStatus {
   resyncBytes: number
   /** Why I/O cannot be served (on-lost-quorum applies), if it cannot. */
   quorumLost: string | undefined
+  /** The histories fork: why, and what to do. */
+  splitBrain: string | undefined
+  /** Primary only: running alone by an admin's forced promotion. */
+  forced: boolean
   /** Milliseconds left on this node's witness lease (undefined: no witness). */
   witnessLeaseMs: number | undefined
   /** The witness answered recently (undefined: no witness). */
@@ -160,7 +166,8 @@ export interface ReplicaStatus {
 
 type Role =
   | { type: 'starting' }
-  | { type: 'primary'; device: PrimaryVolume; degraded: boolean }
+  /** degraded: alone by a witness grant; forced: alone by an admin's `promote --force`. */
+  | { type: 'primary'; device: PrimaryVolume; degraded: boolean; forced: boolean }
   | { type: 'secondary'; secondary: SecondaryVolume; expectedPrimary: string }
   | { type: 'closed' }
 
@@ -233,6 +240,8 @@ export class ReplicaController implements BlockDevice {
   private detaching = false
   private failingOver: Promise<void> | undefined
   private quorumLost: string | undefined
+  /** Set while the two replicas' histories fork: no automatic resync. */
+  private splitBrain: string | undefined
   private lastFailoverAt = -Infinity
   /** When the current failover attempts began (undefined: none under way). */
   private failoverSince: number | undefined
@@ -277,6 +286,8 @@ export class ReplicaController implements BlockDevice {
       dirtyBytes: this.dirty.dirtyBytes,
       resyncBytes: this.resyncBytes,
       quorumLost: this.quorumLost,
+      splitBrain: this.splitBrain,
+      forced: this.role.type === 'primary' && this.role.forced,
       witnessLeaseMs: this.options.witness?.leaseRemainingMs(),
       witnessReachable: this.options.witness?.reachable,
     }
@@ -285,12 +296,11 @@ export class ReplicaController implements BlockDevice {
   /** Decides the role (retrying until the peer answers if it must) and takes it. */
   start(): void {
     void this.loadDirty().then(() => this.bootstrap())
-    if (this.options.witness !== undefined) {
-      this.failoverTimer = setInterval(() => {
-        this.tick()
-      }, failoverTickMs)
-      this.failoverTimer.unref()
-    }
+    // Without a witness, the tick only probes a forced primary's peer (to resync it).
+    this.failoverTimer = setInterval(() => {
+      this.tick()
+    }, failoverTickMs)
+    this.failoverTimer.unref()
     this.dirtyTimer = setInterval(() => {
       void this.persistDirty(false)
     }, dirtyPersistIntervalMs)
@@ -373,6 +383,7 @@ export class ReplicaController implements BlockDevice {
       extentBytes: hotExtents.length > 0 ? activityLogExtentBytesDefault : 0,
       dirty: (this.role.type === 'primary' && this.role.degraded) || !this.dirty.isEmpty,
       bootId,
+      history: this.record.history ?? [],
     }
   }
 
@@ -534,7 +545,8 @@ export class ReplicaController implements BlockDevice {
   }
 
   /** Make this node the primary (admin `volume promote`, follow the writer, a rebuilt peer). */
-  async promote(): Promise<PromoteReply> {
+  async promote(force = false): Promise<PromoteReply> {
+    if (force) return this.forcePromote()
     const role = await this.settled('write')
     if (role.type === 'primary') return { epoch: this.record.epoch, primary: this.options.nodeName }
     if (role.type !== 'secondary') {
@@ -565,6 +577,109 @@ export class ReplicaController implements BlockDevice {
       await this.becomePrimary(false)
       this.options.log.info('promoted', { volume: this.name, epoch: record.epoch })
       return { epoch: record.epoch, primary: this.options.nodeName }
+    } finally {
+      this.ungate()
+    }
+  }
+
+  /**
+   * `promote --force`: the admin says the peer's site and the witness are gone. This replica
+   * becomes primary alone in a new generation recorded as forced, without any grant. If the peer
+   * is in fact running alone too, the two histories fork: that is the split brain the admin
+   * accepted, detected when they meet again (`resolve` picks the survivor).
+   */
+  private async forcePromote(): Promise<PromoteReply> {
+    const role = this.role
+    const me = this.options.nodeName
+    if (role.type === 'primary' && role.degraded) return { epoch: this.record.epoch, primary: me }
+    if (role.type === 'primary' && role.device.connected) {
+      throw new DuplexError(
+        'FAILED_PRECONDITION',
+        `${this.name} on ${me} is primary and connected to its peer: nothing to force`,
+      )
+    }
+    if (role.type === 'secondary' && this.peerLeaseEnd > performance.now()) {
+      throw new DuplexError(
+        'FAILED_PRECONDITION',
+        `${this.options.peerName} is reachable and primary of ${this.name}: promote without --force`,
+      )
+    }
+    if (role.type !== 'primary' && role.type !== 'secondary') {
+      throw new DuplexError('UNAVAILABLE', `${this.name} is ${role.type} on this node`)
+    }
+    this.gate('forced promotion')
+    try {
+      if (role.type === 'primary') {
+        for (const range of role.device.handOff('forced promotion')) {
+          this.dirty.mark(range.offset, range.length)
+        }
+        await role.device.idle()
+      } else {
+        role.secondary.close('forced promotion')
+      }
+      const stale = this.record.state
+      const epoch = nextGeneration(this.record.epoch)
+      await this.persist({ epoch, primary: me, state: 'UpToDate' }, true)
+      this.options.log.error('FORCED promotion by an admin: running alone without the witness', {
+        volume: this.name,
+        epoch: formatEpoch(epoch),
+        stateBefore: stale,
+      })
+      await this.becomePrimary(true, true)
+      this.regainQuorum()
+      return { epoch, primary: me }
+    } finally {
+      this.ungate()
+    }
+  }
+
+  /**
+   * After a split brain, on the node whose replica is discarded: forget what it wrote alone and
+   * follow `keep`, which fills it with a full sync.
+   */
+  async resolve(request: ResolveRequest): Promise<void> {
+    const me = this.options.nodeName
+    if (request.keep === me) {
+      throw new DuplexError(
+        'INVALID_ARGUMENT',
+        `resolve goes to the node whose replica is discarded, not to ${me} which is kept`,
+      )
+    }
+    if (request.keep !== this.options.peerName) {
+      throw new DuplexError('INVALID_ARGUMENT', `${request.keep} holds no replica of ${this.name}`)
+    }
+    const peer = await this.options.control.describe(this.name, 5000)
+    const role = this.role
+    this.gate('resolving a split brain')
+    try {
+      if (role.type === 'primary') {
+        role.device.handOff(`discarded in favour of ${request.keep}`)
+        await role.device.idle()
+      } else if (role.type === 'secondary') {
+        role.secondary.close('resolving a split brain')
+      }
+      this.dirty.clearAll()
+      await this.persistDirty(true)
+      await this.options.store.activityLog(this.name)?.clear()
+      // The discarded replica adopts the survivor's record as it is, even where its own epoch
+      // was higher (a forced generation): the survivor's next epoch must be accepted here.
+      const adopted: ReplicaRecord = {
+        epoch: peer.epoch,
+        primary: request.keep,
+        state: 'Inconsistent',
+        history: peer.history,
+      }
+      await this.options.store.setReplica(this.name, adopted)
+      this.record = adopted
+      this.splitBrain = undefined
+      this.options.log.error(
+        'split brain resolved: this replica is discarded and will be refilled',
+        {
+          volume: this.name,
+          keep: request.keep,
+        },
+      )
+      this.becomeSecondary(request.keep)
     } finally {
       this.ungate()
     }
@@ -663,8 +778,19 @@ export class ReplicaController implements BlockDevice {
               extentBytes: 0,
               dirty: false,
               bootId: '',
+              history: [],
             }
           : undefined
+      }
+      const fork =
+        remote?.exists === true ? findFork(this.record.history ?? [], remote.history) : undefined
+      if (fork !== undefined) {
+        const why = describeFork(fork)
+        if (this.splitBrain !== why) log.error('split brain', { volume: this.name, why })
+        this.splitBrain = why
+        this.waiting = why
+        await this.changed.wait(10 * bootstrapRetryMs)
+        continue
       }
       if (remote?.exists === true && remote.sizeBytes !== this.info.sizeBytes) {
         this.waiting = `${peerName}'s replica is ${remote.sizeBytes} bytes, this one ${this.info.sizeBytes}`
@@ -741,7 +867,7 @@ export class ReplicaController implements BlockDevice {
     await this.persist(adopted)
   }
 
-  private async becomePrimary(degraded: boolean): Promise<void> {
+  private async becomePrimary(degraded: boolean, forced = false): Promise<void> {
     if (this.role.type === 'closed') return
     const { volume, store, log } = this.options
     const activityLog = store.activityLog(this.name)
@@ -758,7 +884,7 @@ export class ReplicaController implements BlockDevice {
       client: this.options.link,
       incarnation: this.options.incarnation,
       log: log.child(this.name),
-      ...(degraded ? { degraded: { dirty: this.dirty } } : {}),
+      ...(degraded || forced ? { degraded: { dirty: this.dirty } } : {}),
       coolingAllowed: () => this.dirty.isEmpty,
       onPeerConnected: () => {
         void this.checkPeer(device)
@@ -767,7 +893,7 @@ export class ReplicaController implements BlockDevice {
         void this.switchPrimary(device, false, 'the peer restarted')
       },
     })
-    this.role = { type: 'primary', device, degraded }
+    this.role = { type: 'primary', device, degraded: degraded || forced, forced }
     this.roleStarted()
     this.waiting = undefined
     this.policy.reset(performance.now())
@@ -1007,7 +1133,9 @@ export class ReplicaController implements BlockDevice {
   /** Whether this replica may serve `access` now (reads need a lease; alone, so do writes). */
   private mayServe(role: Role, access: Access): boolean {
     const witness = this.options.witness
-    if (witness === undefined || role.type !== 'primary') return true
+    if (role.type !== 'primary') return true
+    if (role.forced) return true
+    if (witness === undefined) return true
     if (this.quorumLost !== undefined) return false
     if (role.degraded) return witness.leaseValid()
     return access === 'write' || this.peerLeaseEnd > performance.now()
@@ -1083,11 +1211,24 @@ export class ReplicaController implements BlockDevice {
       })
     }
     if (role.type === 'primary' && role.degraded) {
-      if (this.options.witness?.leaseValid(now) === true) this.regainQuorum()
+      if (role.forced || this.options.witness?.leaseValid(now) === true) this.regainQuorum()
       else this.loseQuorum('this node lost its witness lease while running alone')
+      if (
+        role.forced &&
+        this.witnessReport === undefined &&
+        this.options.witness?.reachable === true
+      ) {
+        const record = this.options.witness.record(this.name)
+        // Tell the witness about the forced generation (it adopts a newer one).
+        if (record === undefined || record.epoch < this.record.epoch) {
+          this.witnessReport = false
+          void this.reportToWitness()
+        }
+      }
       failover(() => this.reattach(role.device))
       return
     }
+    if (this.options.witness === undefined) return
     if (role.type === 'primary') {
       if (role.device.connected) {
         this.disconnectedSince = undefined
@@ -1260,6 +1401,14 @@ export class ReplicaController implements BlockDevice {
       return
     }
     if (!peer.exists || peer.sizeBytes !== this.info.sizeBytes) return
+    const fork = findFork(this.record.history ?? [], peer.history)
+    if (fork !== undefined) {
+      const why = describeFork(fork)
+      if (this.splitBrain !== why) this.options.log.error('split brain', { volume: this.name, why })
+      this.splitBrain = why
+      return
+    }
+    this.splitBrain = undefined
     if (peer.primary === this.options.peerName && peer.epoch > this.record.epoch) {
       this.options.log.error('the peer runs the volume in a newer epoch: split brain?', {
         volume: this.name,
@@ -1353,9 +1502,22 @@ export class ReplicaController implements BlockDevice {
     this.rejected[code] = (this.rejected[code] ?? 0) + 1
   }
 
-  private async persist(record: ReplicaRecord): Promise<void> {
-    await this.options.store.setReplica(this.name, record)
-    this.record = { ...record }
+  /**
+   * Records `record` durably, then acts on it. Entering a new generation appends it to the
+   * generation history (`forced`: by an admin's forced promotion).
+   */
+  private async persist(record: ReplicaRecord, forced = false): Promise<void> {
+    let history = record.history ?? this.record.history ?? []
+    if (record.epoch > 0 && generationOf(record.epoch) > generationOf(this.record.epoch)) {
+      history = appendGeneration(history, {
+        generation: generationOf(record.epoch),
+        owner: record.primary,
+        forced,
+      })
+    }
+    const next = history.length === 0 ? { ...record } : { ...record, history }
+    await this.options.store.setReplica(this.name, next)
+    this.record = next
   }
 
   private gate(why: string): void {

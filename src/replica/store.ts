@@ -60,7 +60,21 @@ export interface ReplicaRecord {
    * writes while its peer ran alone (a resync of the dirty regions makes it UpToDate again).
    */
   state: 'UpToDate' | 'Inconsistent' | 'Outdated'
+  /**
+   * The generations this replica entered (epochs.ts), newest last, at most
+   * `generationHistoryMax`: who owned each, and whether an admin forced it. Two replicas whose
+   * histories name different owners for one generation have forked (split brain).
+   */
+  history?: GenerationEntry[]
 }
+
+export interface GenerationEntry {
+  generation: number
+  owner: string
+  forced: boolean
+}
+
+export const generationHistoryMax = 32
 
 export interface NodeStoreOptions {
   /** Allocation chunk size; the default (64 KiB) is what production uses. */
@@ -470,7 +484,20 @@ function checkedReplica(value: unknown, what: string): ReplicaRecord {
   if (state !== 'UpToDate' && state !== 'Inconsistent' && state !== 'Outdated') {
     throw fail('state')
   }
-  return { epoch, primary, state }
+  const history = (value as Record<string, unknown>)['history']
+  if (history === undefined) return { epoch, primary, state }
+  if (!Array.isArray(history) || history.length > generationHistoryMax) throw fail('history')
+  const entries = history.map((entry: unknown): GenerationEntry => {
+    if (typeof entry !== 'object' || entry === null) throw fail('history entry')
+    const { generation, owner, forced } = entry as Record<string, unknown>
+    if (typeof generation !== 'number' || !Number.isSafeInteger(generation) || generation < 0) {
+      throw fail('history generation')
+    }
+    if (typeof owner !== 'string' || owner.length === 0) throw fail('history owner')
+    if (typeof forced !== 'boolean') throw fail('history forced')
+    return { generation, owner, forced }
+  })
+  return { epoch, primary, state, history: entries }
 }
 
 function parseRecord(key: string, value: Buffer): VolumeRecord {

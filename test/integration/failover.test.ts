@@ -13,6 +13,8 @@
  * 4. Bring the lost node back: the resync copies the dirty regions only (bytes sent vs written
  *    while it was away are printed), then the replicas are byte-identical and both serve reads.
  * 5. Crash both nodes during writes; after the restart the activity logs make them identical.
+ * Then: a site and the witness lost, the admin forces the survivor (`promote --force`); and a
+ * forced promotion that makes a split brain, detected and resolved (`volume resolve`).
  */
 import fs from 'node:fs/promises'
 import t from 'tap'
@@ -20,7 +22,7 @@ import { startPair } from '../lib/cluster.js'
 import type { Pair } from '../lib/cluster.js'
 import { Cmd } from '../../src/nbd/protocol.js'
 import { NbdClient } from '../lib/nbd-client.js'
-import { hasTool, run } from '../lib/node-process.js'
+import { duplex, hasTool, run } from '../lib/node-process.js'
 import { SteadyWriter } from '../lib/steady-writer.js'
 
 async function metric(port: number | undefined, pattern: RegExp): Promise<number | undefined> {
@@ -252,5 +254,110 @@ t.test(
       'identical after the restart',
     )
     t.same(await writer.verify(pair.b.port, 'vol'), [], 'every acknowledged write survived')
+  },
+)
+
+t.test(
+  'a site and the witness lost: the admin forces the survivor, the returning node is resynced',
+  async (t) => {
+    const pair = await startPair({ witness: true })
+    t.teardown(() => pair.destroy())
+    const writer = await SteadyWriter.start(pair.b.port, 'vol', 0, 64)
+    await writer.progress(50)
+    await pair.witness?.stop()
+    const failed = writer.nextError()
+    await pair.a.kill()
+    await failed
+    t.pass('node-b alone, without the witness, fails I/O (no split brain by itself)')
+    const promote = (...extra: string[]) =>
+      duplex([
+        'volume',
+        'promote',
+        'vol',
+        '--node',
+        'node-b',
+        '--force',
+        '--cluster',
+        pair.clusterFile,
+        ...extra,
+      ])
+    const unconfirmed = await promote()
+    t.equal(unconfirmed.code, 2, 'without --yes nothing happens')
+    t.match(unconfirmed.stderr, /WARNING: forcing node-b to run vol alone/)
+    t.match(unconfirmed.stderr, /split brain/)
+    const forced = await promote('--yes')
+    t.equal(forced.code, 0, forced.stderr)
+    t.match(forced.stdout, /vol: primary is node-b \(epoch \d+\.0\), forced: it runs alone/)
+    await writer.progress(100, 20_000)
+    t.pass('node-b acknowledges writes again, alone')
+    await pair.restart('a')
+    await pair.waitUpToDate(30_000)
+    t.ok(
+      await until('identical replicas', async () => ((await identical(pair)) ? true : undefined)),
+      'node-a was resynced from the forced primary',
+    )
+    await writer.stop()
+    t.same(await writer.verify(pair.a.port, 'vol'), [], 'node-a serves what node-b wrote alone')
+  },
+)
+
+t.test(
+  'split brain after a forced promotion is detected, and resolve picks the survivor',
+  { skip: canCut ? false : 'needs root and iptables (CI runs as root)' },
+  async (t) => {
+    const pair = await startPair({ witness: true })
+    t.teardown(() => pair.destroy())
+    // Site B loses the link: node-a runs alone by the witness grant and acknowledges writes.
+    const heal = await cutLink(await replicationPorts(pair))
+    t.teardown(heal)
+    const writerA = await SteadyWriter.start(pair.a.port, 'vol', 0, 64)
+    await writerA.progress(50, 20_000)
+    t.pass('node-a runs alone with the witness grant')
+    // Then site A freezes and the witness is lost; the admin at site B forces node-b.
+    const t0 = performance.now()
+    const at = (what: string): void => {
+      t.comment(`${Math.round(performance.now() - t0)} ms: ${what}`)
+    }
+    pair.a.child.kill('SIGSTOP')
+    await heal()
+    at('healed')
+    await pair.witness?.stop()
+    at('witness stopped')
+    await new Promise((resolve) => setTimeout(resolve, 3000))
+    const forced = await duplex(
+      [
+        ...['volume', 'promote', 'vol', '--node', 'node-b', '--force', '--yes'],
+        ...['--cluster', pair.clusterFile],
+      ],
+      70_000,
+    )
+    t.equal(forced.code, 0, forced.stderr)
+    if (forced.code !== 0) t.comment(pair.b.stderr().split('\n').slice(-30).join('\n'))
+    const writerB = await SteadyWriter.start(pair.b.port, 'vol', 16 * 1024 * 1024, 64)
+    await writerB.progress(50, 20_000)
+    t.pass('node-b runs alone too: the admin made a split brain')
+    pair.a.child.kill('SIGCONT')
+    const splitMetric = /duplex_replica_split_brain\{[^}]*volume="vol"[^}]*\} (\d+)/
+    await until('the split brain to be detected', async () =>
+      (await metric(pair.a.metricsPort, splitMetric)) === 1 &&
+      (await metric(pair.b.metricsPort, splitMetric)) === 1
+        ? true
+        : undefined,
+    )
+    t.pass('both nodes report the split brain and neither resyncs the other')
+    await writerB.stop()
+    const resolve = await duplex([
+      ...['volume', 'resolve', 'vol', '--keep', 'node-a', '--yes', '--cluster', pair.clusterFile],
+    ])
+    t.equal(resolve.code, 0, resolve.stderr)
+    t.match(resolve.stderr, /node-b's replica is discarded/)
+    await pair.restartWitness()
+    await pair.waitUpToDate(60_000)
+    t.ok(
+      await until('identical replicas', async () => ((await identical(pair)) ? true : undefined)),
+      'node-b was refilled from node-a',
+    )
+    await writerA.stop()
+    t.same(await writerA.verify(pair.b.port, 'vol'), [], "node-a's writes won")
   },
 )

@@ -37,6 +37,7 @@ import type {
   RenewLeaseRequest,
   RepairReply,
   RepairRequest,
+  ResolveRequest,
   PromoteRequest,
   SyncCompleteRequest,
 } from '../../src/replica/peer-control.js'
@@ -89,6 +90,7 @@ class FakeNode implements PeerControlHandlers {
         extentBytes: 4,
         dirty: true,
         bootId: 'b',
+        history: [{ generation: 1, owner: 'x', forced: false }],
       }
     }
     return {
@@ -101,6 +103,10 @@ class FakeNode implements PeerControlHandlers {
       extentBytes: 4 * 1024 * 1024,
       dirty: true,
       bootId: '0b0c1d5e-1b58-4f6e-9b8a-2f5d8c0e7a11',
+      history: [
+        { generation: 3, owner: 'site-a', forced: false },
+        { generation: 4, owner: 'site-b', forced: true },
+      ],
     }
   }
 
@@ -112,6 +118,10 @@ class FakeNode implements PeerControlHandlers {
   async repair(request: RepairRequest): Promise<RepairReply> {
     await this.enter('repair', request)
     return { bytes: request.ranges.reduce((sum, range) => sum + range.length, 0) }
+  }
+
+  async resolve(request: ResolveRequest): Promise<void> {
+    await this.enter('resolve', request)
   }
 
   async renewLease(request: RenewLeaseRequest): Promise<RenewLeaseReply> {
@@ -228,6 +238,10 @@ void t.test('every call round-trips its fields', async (t) => {
     extentBytes: 4 * 1024 * 1024,
     dirty: true,
     bootId: '0b0c1d5e-1b58-4f6e-9b8a-2f5d8c0e7a11',
+    history: [
+      { generation: 3, owner: 'site-a', forced: false },
+      { generation: 4, owner: 'site-b', forced: true },
+    ],
   })
   t.same(
     await client.describe('missing'),
@@ -241,6 +255,7 @@ void t.test('every call round-trips its fields', async (t) => {
       extentBytes: 0,
       dirty: false,
       bootId: '',
+      history: [],
     },
     'a volume the peer does not hold: the other fields are not sent',
   )
@@ -264,6 +279,7 @@ void t.test('every call round-trips its fields', async (t) => {
     ],
   }
   t.same(await client.repair(repair), { bytes: 15 })
+  await client.resolve({ volume: 'demo', keep: 'site-a' })
   await t.rejects(
     client.checksum({ ...checksum, length: 128 * 1024 * 1024 }),
     AssertionError,
@@ -314,8 +330,9 @@ void t.test('every call round-trips its fields', async (t) => {
       { rpc: 'renewLease', request: { volume: 'demo', fromNode: 'site-c', epoch: 7 } },
       { rpc: 'checksum', request: checksum },
       { rpc: 'repair', request: repair },
+      { rpc: 'resolve', request: { volume: 'demo', keep: 'site-a' } },
       { rpc: 'handover', request: handover },
-      { rpc: 'promote', request: { volume: 'demo' } },
+      { rpc: 'promote', request: { volume: 'demo', force: false } },
       { rpc: 'syncComplete', request: sync },
     ],
     'the handlers saw exactly what was sent',
