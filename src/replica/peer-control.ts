@@ -124,6 +124,20 @@ export interface DescribeReply {
   history: GenerationEntry[]
 }
 
+/** How `describe` reads a volume the peer does not hold. */
+export const absentReplica: Readonly<DescribeReply> = Object.freeze({
+  exists: false,
+  epoch: 0,
+  primary: '',
+  state: 'Inconsistent',
+  sizeBytes: 0,
+  hotExtents: [],
+  extentBytes: 0,
+  dirty: false,
+  bootId: '',
+  history: [],
+})
+
 export type ForwardKind = 'read' | 'write' | 'trim' | 'zero' | 'flush'
 
 export interface ForwardRequest {

@@ -54,6 +54,7 @@ import type {
   ResolveRequest,
   SyncCompleteRequest,
 } from './peer-control.js'
+import { absentReplica } from './peer-control.js'
 import { PeerRestarted, PrimaryVolume, SecondaryVolume } from './replicated-volume.js'
 import type { ByteRange } from './replicated-volume.js'
 import { activityLogExtentBytesDefault } from './replication.js'
@@ -767,20 +768,7 @@ export class ReplicaController implements BlockDevice {
             error: errorMessage(error),
           })
         }
-        remote = isDuplexError(error, 'VOLUME_NOT_FOUND')
-          ? {
-              exists: false,
-              epoch: 0,
-              primary: '',
-              state: 'Inconsistent',
-              sizeBytes: 0,
-              hotExtents: [],
-              extentBytes: 0,
-              dirty: false,
-              bootId: '',
-              history: [],
-            }
-          : undefined
+        remote = isDuplexError(error, 'VOLUME_NOT_FOUND') ? { ...absentReplica } : undefined
       }
       const fork =
         remote?.exists === true ? findFork(this.record.history ?? [], remote.history) : undefined
