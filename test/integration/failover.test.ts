@@ -361,3 +361,32 @@ t.test(
     t.same(await writerA.verify(pair.b.port, 'vol'), [], "node-a's writes won")
   },
 )
+
+t.test(
+  'onLostQuorum suspend: I/O is held, not failed, until service is possible again',
+  async (t) => {
+    const pair = await startPair({ witness: true, onLostQuorum: 'suspend' })
+    t.teardown(() => pair.destroy())
+    const writer = await SteadyWriter.start(pair.a.port, 'vol', 0, 64)
+    await writer.progress(50)
+    await pair.witness?.stop()
+    await pair.b.kill()
+    const stalledAt = writer.stats.acknowledged
+    // Lost quorum is declared once the failover has kept failing for its patience (~6 s after
+    // the first degrade attempt, itself ~3 s after the peer was lost).
+    await new Promise((resolve) => setTimeout(resolve, 13_000))
+    t.equal(writer.stats.errors, 0, 'no write failed')
+    t.ok(writer.stats.acknowledged - stalledAt < 50, 'writes are held')
+    const quorum = await metric(
+      pair.a.metricsPort,
+      /duplex_replica_quorum_lost\{[^}]*volume="vol"[^}]*\} (\d+)/,
+    )
+    t.equal(quorum, 1, 'the node reports lost quorum')
+    await pair.restart('b')
+    await writer.progress(100, 30_000)
+    const report = await writer.stop()
+    t.equal(report.errors, 0, 'the held writes completed once node-b was back')
+    await pair.waitUpToDate(30_000)
+    t.same(await writer.verify(pair.b.port, 'vol'), [])
+  },
+)
