@@ -1171,6 +1171,8 @@ export class ReplicaController implements BlockDevice {
     this.failoverSince ??= now
     const final = !isDuplexError(error, 'UNAVAILABLE')
     if (final || now - this.failoverSince >= failoverPatienceMs) this.loseQuorum(why)
+    // "Not yet" (the old owner's lease is about to lapse): ask again soon, not in a second.
+    if (!final) this.lastFailoverAt = now - failoverRetryMs + failoverTickMs
   }
 
   private regainQuorum(): void {
