@@ -39,10 +39,6 @@ export function nextGeneration(epoch: number): number {
   return next
 }
 
-export function sameGeneration(a: number, b: number): boolean {
-  return generationOf(a) === generationOf(b)
-}
-
 /** For people: "3.2" is generation 3, term 2. */
 export function formatEpoch(epoch: number): string {
   return `${generationOf(epoch)}.${termOf(epoch)}`

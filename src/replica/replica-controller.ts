@@ -248,6 +248,7 @@ export class ReplicaController implements BlockDevice {
   private failoverSince: number | undefined
   /** The witness must still hear that the peer is (or is not) in sync. */
   private witnessReport: boolean | undefined
+  private reporting = false
 
   constructor(
     private readonly options: ReplicaControllerOptions,
@@ -1029,6 +1030,8 @@ export class ReplicaController implements BlockDevice {
     const witness = this.options.witness
     const inSync = this.witnessReport
     if (witness === undefined || inSync === undefined || this.role.type !== 'primary') return
+    if (this.reporting) return // the tick retries; one report in flight at a time
+    this.reporting = true
     const me = this.options.nodeName
     try {
       await witness.report({
@@ -1044,6 +1047,8 @@ export class ReplicaController implements BlockDevice {
       this.options.log.debug('cannot report to the witness; retrying', {
         error: errorMessage(error),
       })
+    } finally {
+      this.reporting = false
     }
   }
 
@@ -1594,32 +1599,38 @@ export class ReplicaController implements BlockDevice {
    * epoch's local writes finish before the new epoch starts), or the primary is unreachable
    * while a failover may still bring service back.
    */
-  private async retrying<T>(source: 'local' | 'forwarded', attempt: () => Promise<T>): Promise<T> {
-    let deadline: number | undefined // taken at the first failure: none on the common path
+  private retrying<T>(source: 'local' | 'forwarded', attempt: () => Promise<T>): Promise<T> {
+    // The common path: one attempt, no extra async frame.
+    return attempt().catch((error: unknown) => this.retryAfter(source, attempt, error))
+  }
+
+  private async retryAfter<T>(
+    source: 'local' | 'forwarded',
+    attempt: () => Promise<T>,
+    first: unknown,
+  ): Promise<T> {
+    const deadline = performance.now() + this.roleWaitMs
+    let error = first
     for (;;) {
+      const unreachable =
+        this.options.witness !== undefined &&
+        isDuplexError(error, 'UNAVAILABLE') &&
+        !(error instanceof PeerRestarted)
+      if (unreachable && this.quorumLost !== undefined && this.options.onLostQuorum !== 'suspend') {
+        throw this.lostQuorumError()
+      }
+      const suspended = this.quorumLost !== undefined && this.options.onLostQuorum === 'suspend'
+      const retryable =
+        error instanceof PeerRestarted ||
+        (source === 'local' && (isDuplexError(error, 'NOT_PRIMARY') || unreachable))
+      if (!retryable || (!suspended && performance.now() + forwardRetryMs >= deadline)) {
+        throw error
+      }
+      await this.changed.wait(forwardRetryMs)
       try {
         return await attempt()
-      } catch (error) {
-        deadline ??= performance.now() + this.roleWaitMs
-        const unreachable =
-          this.options.witness !== undefined &&
-          isDuplexError(error, 'UNAVAILABLE') &&
-          !(error instanceof PeerRestarted)
-        if (
-          unreachable &&
-          this.quorumLost !== undefined &&
-          this.options.onLostQuorum !== 'suspend'
-        ) {
-          throw this.lostQuorumError()
-        }
-        const suspended = this.quorumLost !== undefined && this.options.onLostQuorum === 'suspend'
-        const retryable =
-          error instanceof PeerRestarted ||
-          (source === 'local' && (isDuplexError(error, 'NOT_PRIMARY') || unreachable))
-        if (!retryable || (!suspended && performance.now() + forwardRetryMs >= deadline)) {
-          throw error
-        }
-        await this.changed.wait(forwardRetryMs)
+      } catch (failure) {
+        error = failure
       }
     }
   }

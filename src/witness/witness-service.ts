@@ -358,9 +358,6 @@ export class WitnessClient {
   }
 }
 
-/** For tests of the codec edge. */
-export const witnessProto = root
-
 /** Why a volume record is unsound (undefined: it is sound); also checks what a store loads. */
 export function volumeRecordProblem(record: VolumeRecord): Problem {
   return recordProblem(record)
