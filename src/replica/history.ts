@@ -5,8 +5,9 @@
  * while the other side was running alone: their data has forked (split brain), and no automatic
  * resync may pick a winner.
  */
+import { generationOf } from '../core/epochs.js'
 import { generationHistoryMax } from './store.js'
-import type { GenerationEntry } from './store.js'
+import type { GenerationEntry, ReplicaRecord } from './store.js'
 
 /** `history` with `entry` appended (once per generation), the oldest dropped past the bound. */
 export function appendGeneration(
@@ -46,4 +47,24 @@ export function describeFork(fork: Fork): string {
     `${side(fork.theirs)} on the peer; both may have acknowledged writes the other lacks. ` +
     `Pick the replica to keep: duplex volume resolve VOLUME --keep NODE`
   )
+}
+
+/**
+ * `next` as a replica persists it after `current`: entering a newer generation appends it (with
+ * its owner, and whether an admin forced it) to the history the record carries on.
+ */
+export function recordWithHistory(
+  current: ReplicaRecord,
+  next: ReplicaRecord,
+  forced = false,
+): ReplicaRecord {
+  let history = next.history ?? current.history ?? []
+  if (next.epoch > 0 && generationOf(next.epoch) > generationOf(current.epoch)) {
+    history = appendGeneration(history, {
+      generation: generationOf(next.epoch),
+      owner: next.primary,
+      forced,
+    })
+  }
+  return history.length === 0 ? { ...next } : { ...next, history }
 }

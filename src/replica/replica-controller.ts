@@ -26,13 +26,22 @@
 import { performance } from 'node:perf_hooks'
 import { DuplexError, errorMessage, isDuplexError } from '../core/errors.js'
 import { bootId } from '../core/boot-id.js'
-import { formatEpoch, generationOf, nextGeneration, nextTerm } from '../core/epochs.js'
+import { formatEpoch, nextGeneration, nextTerm } from '../core/epochs.js'
 import type { Logger } from '../core/log.js'
 import type { VolumeRecord } from '../witness/arbiter.js'
-import { grantorLeaseEnd, holderLeaseEnd } from '../witness/lease.js'
 import type { LeaseTiming } from '../witness/lease.js'
 import { DirtyMap, mergeRanges } from './dirty-map.js'
 import type { AllocationExtent, BlockDevice, ExportInfo, ZeroOptions } from '../nbd/exports.js'
+import {
+  adoptWitnessRecord,
+  Failover,
+  failoverTimingDefaults,
+  judgeWitnessRecord,
+  learnedRecord,
+  peerLeaseDefaults,
+  resyncPlan,
+} from './failover.js'
+import type { WitnessVerdict } from './failover.js'
 import { FollowTheWriter } from './follow-the-writer.js'
 import type { FollowTheWriterOptions } from './follow-the-writer.js'
 import type { HelloDecision, PeerLinkClient, PeerReplies } from './peer-link.js'
@@ -56,9 +65,8 @@ import type {
 } from './peer-control.js'
 import { absentReplica } from './peer-control.js'
 import { PeerRestarted, PrimaryVolume, SecondaryVolume } from './replicated-volume.js'
-import type { ByteRange } from './replicated-volume.js'
 import { activityLogExtentBytesDefault } from './replication.js'
-import { appendGeneration, describeFork, findFork } from './history.js'
+import { describeFork, findFork, recordWithHistory } from './history.js'
 import { decideRole } from './roles.js'
 import type { NodeStore, ReplicaRecord } from './store.js'
 import type { Volume } from './volume.js'
@@ -73,28 +81,14 @@ const bootstrapRetryMs = 500
 const forwardRetryMs = 100
 /** How often the primary looks at the follow-the-writer policy. */
 const followTheWriterTickMs = 1000
-/** How often a replica with a witness checks its leases and failover conditions. */
-const failoverTickMs = 200
-/** Peer leases are renewed this often. */
-const peerRenewIntervalMs = 500
-/** A primary whose peer stream has been down this long starts to fail over (degrade). */
-const peerLossMs = 1000
-/** After a role starts, failover waits this long for the peer to show up first. */
-const roleStartGraceMs = 4000
-/** Between two failover attempts (a degrade, a takeover, a probe of a returning peer). */
-const failoverRetryMs = 1000
-/**
- * A failover that keeps failing for a reason that may pass (the witness unreachable or pausing,
- * the old owner's lease not expired yet) loses quorum after this long.
- */
-const failoverPatienceMs = 6000
+const failoverTickMs = failoverTimingDefaults.tickMs
 /** A degraded primary's probe of its peer gives up after this. */
 const peerProbeTimeoutMs = 1000
 /** How often a dirty bitmap that changed is persisted. */
 const dirtyPersistIntervalMs = 1000
 
 /** ARCHITECTURE.md: the secondary's peer lease, ~2 s, renewed by every exchange. */
-export const peerLeaseDefaults: LeaseTiming = { leaseMs: 2000, driftRatio: 0.01, marginMs: 250 }
+export { peerLeaseDefaults }
 
 /** DRBD's on-no-quorum: fail I/O or hold it while this replica may not serve. */
 export type OnLostQuorum = 'error' | 'suspend'
@@ -209,6 +203,9 @@ export class ReplicaController implements BlockDevice {
   private inflight = 0
   private readonly idle = new Signal()
   private peerState: PeerSyncState = 'unknown'
+  /** The device whose peer check (and sync) runs now. */
+  private checkingPeer: PrimaryVolume | undefined
+  private lastPeerCheckAt = -Infinity
   /** After a peer restart: copy the hot extents once the stream is back. */
   private hotSyncPending = false
   private syncBytesDone = 0
@@ -225,27 +222,19 @@ export class ReplicaController implements BlockDevice {
   private readonly roleWaitMs: number
   // ---- failover (only with a witness)
   private readonly dirty: DirtyMap
-  private readonly peerTiming: LeaseTiming
+  private readonly failover: Failover
   private failoverTimer: NodeJS.Timeout | undefined
   private dirtyTimer: NodeJS.Timeout | undefined
-  /** Holder: this replica's lease from its peer ends then (local clock). */
-  private peerLeaseEnd = 0
-  /** Grantor: when this replica last renewed its peer's lease. */
-  private peerGrantedAt = -Infinity
-  private renewing = false
-  private lastRenewAt = -Infinity
-  /** When the current role started (failover waits a grace period after it). */
-  private roleStartedAt = 0
-  private disconnectedSince: number | undefined
-  /** Set while this replica is leaving its peer: it renews the peer's lease no more. */
-  private detaching = false
   private failingOver: Promise<void> | undefined
   private quorumLost: string | undefined
+  /**
+   * Secondary: the epoch in which the primary last said this replica is in sync (SyncComplete).
+   * Reads are served locally only in that epoch: a new primary term may still be copying its
+   * activity log here (after both crashed), and this replica must not show older data meanwhile.
+   */
+  private syncedEpoch: number | undefined
   /** Set while the two replicas' histories fork: no automatic resync. */
   private splitBrain: string | undefined
-  private lastFailoverAt = -Infinity
-  /** When the current failover attempts began (undefined: none under way). */
-  private failoverSince: number | undefined
   /** The witness must still hear that the peer is (or is not) in sync. */
   private witnessReport: boolean | undefined
   private reporting = false
@@ -262,7 +251,10 @@ export class ReplicaController implements BlockDevice {
       options.followTheWriter === false ? {} : options.followTheWriter,
     )
     this.dirty = new DirtyMap(this.info.sizeBytes)
-    this.peerTiming = options.peerLease ?? peerLeaseDefaults
+    this.failover = new Failover({
+      ...failoverTimingDefaults,
+      peerLease: options.peerLease ?? peerLeaseDefaults,
+    })
   }
 
   get name(): string {
@@ -444,11 +436,10 @@ export class ReplicaController implements BlockDevice {
     const counterpart =
       request.fromNode === this.options.peerName &&
       request.epoch === this.record.epoch &&
-      !this.detaching &&
       ((role.type === 'primary' && !role.degraded) ||
         (role.type === 'secondary' && role.expectedPrimary === request.fromNode))
-    if (counterpart) this.peerGrantedAt = performance.now()
-    return { granted: counterpart, epoch: this.record.epoch }
+    const granted = this.failover.grantRenewal(counterpart, performance.now())
+    return { granted, epoch: this.record.epoch }
   }
 
   /** A request of a client attached to the peer's node: served here if this node is primary. */
@@ -600,7 +591,7 @@ export class ReplicaController implements BlockDevice {
         `${this.name} on ${me} is primary and connected to its peer: nothing to force`,
       )
     }
-    if (role.type === 'secondary' && this.peerLeaseEnd > performance.now()) {
+    if (role.type === 'secondary' && this.failover.peerLeaseValid(performance.now())) {
       throw new DuplexError(
         'FAILED_PRECONDITION',
         `${this.options.peerName} is reachable and primary of ${this.name}: promote without --force`,
@@ -611,6 +602,10 @@ export class ReplicaController implements BlockDevice {
     }
     this.gate('forced promotion')
     try {
+      // The peer may still hold a lease from this replica (it reads locally under it): let it
+      // run out before writing alone.
+      const leaseLeft = this.failover.detach() - performance.now()
+      if (leaseLeft > 0) await new Promise((resolve) => setTimeout(resolve, leaseLeft))
       if (role.type === 'primary') {
         for (const range of role.device.handOff('forced promotion')) {
           this.dirty.mark(range.offset, range.length)
@@ -620,7 +615,10 @@ export class ReplicaController implements BlockDevice {
         role.secondary.close('forced promotion')
       }
       const stale = this.record.state
-      const epoch = nextGeneration(this.record.epoch)
+      // Above every generation this node heard of (the witness may have issued newer ones).
+      const epoch = nextGeneration(
+        Math.max(this.record.epoch, this.options.witness?.record(this.name)?.epoch ?? 0),
+      )
       await this.persist({ epoch, primary: me, state: 'UpToDate' }, true)
       this.options.log.error('FORCED promotion by an admin: running alone without the witness', {
         volume: this.name,
@@ -705,6 +703,7 @@ export class ReplicaController implements BlockDevice {
     // names no difference any more.
     await this.options.store.activityLog(this.name)?.clear()
     await this.persist({ ...this.record, state: 'UpToDate' })
+    this.syncedEpoch = request.epoch
     // The primary just reached this replica: give the leases time to be renewed before any
     // failover decision is made on the new state.
     this.roleStarted()
@@ -835,18 +834,8 @@ export class ReplicaController implements BlockDevice {
    */
   private async adoptWitnessRecord(): Promise<void> {
     const record = this.options.witness?.record(this.name)
-    if (record === undefined || record.epoch <= this.record.epoch) return
-    const me = this.options.nodeName
-    const adopted: ReplicaRecord =
-      record.owner === me
-        ? { epoch: record.epoch, primary: me, state: this.record.state }
-        : {
-            epoch: record.epoch,
-            primary: record.owner,
-            state:
-              this.record.state === 'UpToDate' && !record.inSync ? 'Outdated' : this.record.state,
-          }
-    if (this.record.epoch === 0 && adopted.state === 'UpToDate') adopted.state = 'Inconsistent'
+    const adopted = adoptWitnessRecord(this.record, record, this.options.nodeName)
+    if (record === undefined || adopted === undefined) return
     this.options.log.info('adopting the witness record', {
       volume: this.name,
       epoch: formatEpoch(record.epoch),
@@ -928,7 +917,18 @@ export class ReplicaController implements BlockDevice {
    * primary). Then a flush on both and SyncComplete; the witness then records the volume in sync.
    */
   private async checkPeer(device: PrimaryVolume): Promise<void> {
-    if (this.peerState === 'syncing') return
+    // One check (and sync) at a time; one that failed is retried by the tick.
+    if (this.checkingPeer === device) return
+    this.checkingPeer = device
+    this.lastPeerCheckAt = performance.now()
+    try {
+      await this.checkPeerOnce(device)
+    } finally {
+      if (this.checkingPeer === device) this.checkingPeer = undefined
+    }
+  }
+
+  private async checkPeerOnce(device: PrimaryVolume): Promise<void> {
     let peer: DescribeReply
     try {
       peer = await this.options.control.describe(this.name)
@@ -937,31 +937,46 @@ export class ReplicaController implements BlockDevice {
       return
     }
     if (this.role.type !== 'primary' || this.role.device !== device) return
-    const full = peer.state === 'Inconsistent'
-    const peerHot = peer.hotExtents.map((extent) => ({
-      offset: extent * peer.extentBytes,
-      length: Math.min(peer.extentBytes, this.info.sizeBytes - extent * peer.extentBytes),
-    }))
-    const behind =
-      peer.state !== 'UpToDate' ||
-      this.hotSyncPending ||
-      !this.dirty.isEmpty ||
-      peerHot.length > 0 ||
-      (this.peerBootIdInSync !== undefined && peer.bootId !== this.peerBootIdInSync)
-    if (!behind) {
+    const fork = findFork(this.record.history ?? [], peer.history)
+    if (fork !== undefined) {
+      // Never resync across a fork: which side to keep is the admin's call (resolve).
+      const why = describeFork(fork)
+      if (this.splitBrain !== why) this.options.log.error('split brain', { volume: this.name, why })
+      this.splitBrain = why
+      return
+    }
+    const plan = resyncPlan({
+      sizeBytes: this.info.sizeBytes,
+      peer: {
+        state: peer.state,
+        bootId: peer.bootId,
+        hot: peer.hotExtents.map((extent) => ({
+          offset: extent * peer.extentBytes,
+          length: Math.min(peer.extentBytes, this.info.sizeBytes - extent * peer.extentBytes),
+        })),
+      },
+      hotSyncPending: this.hotSyncPending,
+      peerBootIdInSync: this.peerBootIdInSync,
+      dirty: this.dirty.ranges(),
+      ownHot: device.hotRanges(),
+    })
+    if (plan.type === 'inSync') {
+      // Nothing to copy; the peer still hears it, as it serves no reads before (readsLocally).
+      try {
+        await this.options.control.syncComplete({
+          volume: this.name,
+          epoch: this.record.epoch,
+          fromNode: this.options.nodeName,
+        })
+      } catch (error) {
+        this.options.log.warn('cannot tell the peer it is in sync', { error: errorMessage(error) })
+        return
+      }
       this.peerInSync(peer.bootId)
       return
     }
-    // This node's activity log counts after its own restart (hotSyncPending: its writes in flight
-    // at a crash) or a reboot of the peer's machine (writes it acknowledged but had not flushed
-    // are gone). Otherwise every write issued here was acknowledged by both, or was pending at a
-    // failover and then it is in the dirty bitmap.
-    const peerRebooted =
-      this.peerBootIdInSync === undefined || peer.bootId !== this.peerBootIdInSync
-    const ownHot = this.hotSyncPending || peerRebooted ? device.hotRanges() : []
-    const ranges: ByteRange[] = full
-      ? [{ offset: 0, length: this.info.sizeBytes }]
-      : mergeRanges([...this.dirty.ranges(), ...ownHot, ...peerHot])
+    const { kind, ranges } = plan
+    const full = kind === 'full'
     this.hotSyncPending = false
     this.peerState = 'syncing'
     this.syncBytesDone = 0
@@ -971,11 +986,6 @@ export class ReplicaController implements BlockDevice {
       void this.reportToWitness()
     }
     const started = performance.now()
-    const kind = full
-      ? 'full'
-      : this.dirty.isEmpty
-        ? 'hot extents'
-        : 'dirty regions and hot extents'
     this.options.log.info('sync to the peer started', {
       volume: this.name,
       kind,
@@ -1062,6 +1072,8 @@ export class ReplicaController implements BlockDevice {
     degraded: boolean,
     why: string,
     epoch = nextTerm(this.record.epoch),
+    /** The new generation was not issued by the witness (a forced lineage continues). */
+    forced = false,
   ): Promise<void> {
     this.gate(why)
     try {
@@ -1069,7 +1081,7 @@ export class ReplicaController implements BlockDevice {
       for (const range of old.handOff(why)) this.dirty.mark(range.offset, range.length)
       await old.idle()
       if (this.role.type !== 'primary' || this.role.device !== old) return
-      await this.persist({ epoch, primary: this.options.nodeName, state: 'UpToDate' })
+      await this.persist({ epoch, primary: this.options.nodeName, state: 'UpToDate' }, forced)
       await this.becomePrimary(degraded)
     } catch (error) {
       this.options.log.error('cannot continue as primary', {
@@ -1115,12 +1127,10 @@ export class ReplicaController implements BlockDevice {
   // ---- failover (with a witness; ARCHITECTURE.md "Leases" and "Failures")
 
   private roleStarted(): void {
-    this.roleStartedAt = performance.now()
-    this.disconnectedSince = undefined
-    this.detaching = false
-    this.peerLeaseEnd = 0
-    this.peerGrantedAt = -Infinity
-    this.failoverSince = undefined
+    this.failover.roleStarted(performance.now())
+    // A report of the old role must not reach the witness as one of the new role's ("in sync"
+    // from a paired primary, replayed after it took over alone).
+    this.witnessReport = undefined
   }
 
   /** Whether this replica may serve `access` now (reads need a lease; alone, so do writes). */
@@ -1131,13 +1141,13 @@ export class ReplicaController implements BlockDevice {
     if (witness === undefined) return true
     if (this.quorumLost !== undefined) return false
     if (role.degraded) return witness.leaseValid()
-    return access === 'write' || this.peerLeaseEnd > performance.now()
+    return access === 'write' || this.failover.peerLeaseValid(performance.now())
   }
 
   /** Secondary: reads are served here only from an UpToDate replica whose primary is in touch. */
   private readsLocally(): boolean {
-    if (this.record.state !== 'UpToDate') return false
-    return this.options.witness === undefined || this.peerLeaseEnd > performance.now()
+    if (this.record.state !== 'UpToDate' || this.syncedEpoch !== this.record.epoch) return false
+    return this.options.witness === undefined || this.failover.peerLeaseValid(performance.now())
   }
 
   private lostQuorumError(): DuplexError {
@@ -1172,113 +1182,121 @@ export class ReplicaController implements BlockDevice {
 
   /** A failover attempt failed: lose quorum now if that is final, or once patience runs out. */
   private failoverFailed(error: unknown, why: string): void {
-    const now = performance.now()
-    this.failoverSince ??= now
     const final = !isDuplexError(error, 'UNAVAILABLE')
-    if (final || now - this.failoverSince >= failoverPatienceMs) this.loseQuorum(why)
-    // "Not yet" (the old owner's lease is about to lapse): ask again soon, not in a second.
-    if (!final) this.lastFailoverAt = now - failoverRetryMs + failoverTickMs
+    if (this.failover.refused(performance.now(), final)) this.loseQuorum(why)
   }
 
   private regainQuorum(): void {
-    this.failoverSince = undefined
+    this.failover.regained()
     if (this.quorumLost === undefined) return
     this.quorumLost = undefined
     this.options.log.info('quorum regained', { volume: this.name })
     this.changed.notify()
   }
 
-  /** Every failoverTickMs: renew the peer lease, and fail over when the peer is gone. */
+  /** Every failoverTickMs: renew the peer lease, and fail over when the peer is gone (failover.ts). */
   private tick(): void {
     const now = performance.now()
     const role = this.role
-    if ((role.type === 'primary' && !role.degraded) || role.type === 'secondary') {
-      this.renewPeerLease(now)
+    const step = this.failover.tick({
+      now,
+      role:
+        role.type === 'primary'
+          ? {
+              type: 'primary',
+              degraded: role.degraded,
+              forced: role.forced,
+              connected: role.device.connected,
+            }
+          : role.type === 'secondary'
+            ? { type: 'secondary', expectedPrimary: role.expectedPrimary, state: this.record.state }
+            : { type: 'none' },
+      witness: this.options.witness !== undefined,
+      witnessLeaseValid: this.options.witness?.leaseValid(now) === true,
+      busy: this.failingOver !== undefined || this.gated !== undefined,
+      witnessVerdict: this.witnessVerdict().type,
+    })
+    if (step.renew) this.renewPeerLease(now)
+    if (
+      role.type === 'primary' &&
+      !role.degraded &&
+      role.device.connected &&
+      this.checkingPeer !== role.device &&
+      this.peerState !== 'UpToDate' &&
+      now - this.lastPeerCheckAt >= failoverTimingDefaults.retryMs
+    ) {
+      // A check or sync that failed while the stream stayed up (or came back meanwhile).
+      void this.checkPeer(role.device)
     }
     if (role.type === 'primary' && this.witnessReport !== undefined) void this.reportToWitness()
-    if (this.failingOver !== undefined || this.gated !== undefined) return
-    if (now - this.roleStartedAt < roleStartGraceMs) return
-    const failover = (work: () => Promise<void>): void => {
-      if (now - this.lastFailoverAt < failoverRetryMs) return
-      this.lastFailoverAt = now
+    if (step.quorum?.type === 'regain') this.regainQuorum()
+    if (step.quorum?.type === 'lose') this.loseQuorum(step.quorum.why)
+    if (role.type === 'primary' && role.forced) this.reportForced()
+    const start = (work: () => Promise<void>): void => {
       this.failingOver = work().finally(() => {
         this.failingOver = undefined
       })
     }
-    if (role.type === 'primary' && role.degraded) {
-      if (role.forced || this.options.witness?.leaseValid(now) === true) this.regainQuorum()
-      else this.loseQuorum('this node lost its witness lease while running alone')
-      if (
-        role.forced &&
-        this.witnessReport === undefined &&
-        this.options.witness?.reachable === true
-      ) {
-        const record = this.options.witness.record(this.name)
-        // Tell the witness about the forced generation (it adopts a newer one).
-        if (record === undefined || record.epoch < this.record.epoch) {
-          this.witnessReport = false
-          void this.reportToWitness()
-        }
-      }
-      failover(() => this.reattach(role.device))
-      return
-    }
-    if (this.options.witness === undefined) return
-    if (role.type === 'primary') {
-      if (role.device.connected) {
-        this.disconnectedSince = undefined
-        this.detaching = false
-        if (this.peerLeaseEnd > now) this.regainQuorum()
-        return
-      }
-      this.disconnectedSince ??= now
-      if (now - this.disconnectedSince < peerLossMs) return
-      // The peer is gone: renew its lease no more, and once it has surely expired (the peer
-      // then serves nothing), ask the witness to run alone.
-      this.detaching = true
-      if (now < grantorLeaseEnd(this.peerGrantedAt, this.peerTiming)) return
-      failover(() => this.degrade(role.device))
-      return
-    }
-    if (role.type === 'secondary') {
-      if (this.peerLeaseEnd > now) {
-        this.detaching = false
-        this.regainQuorum()
-        return
-      }
-      this.detaching = true
-      if (this.record.state !== 'UpToDate') {
-        this.loseQuorum(
-          `the primary ${role.expectedPrimary} is unreachable and this replica is ${this.record.state}`,
+    if (role.type === 'primary' && step.action === 'reattach') {
+      start(() => this.reattach(role.device))
+    } else if (role.type === 'primary' && step.action === 'degrade') {
+      start(() => this.degrade(role.device))
+    } else if (role.type === 'secondary' && step.action === 'takeover') {
+      start(() => this.takeOver(role))
+    } else if (step.action === 'yield' || step.action === 'adopt') {
+      const record = this.options.witness?.record(this.name)
+      const verdict = this.witnessVerdict()
+      if (record !== undefined && verdict.type === 'yield') start(() => this.yieldTo(record))
+      if (role.type === 'primary' && verdict.type === 'adopt') {
+        this.options.log.warn('continuing in the generation the witness holds for this node', {
+          volume: this.name,
+          witnessEpoch: formatEpoch(record?.epoch ?? 0),
+          epoch: formatEpoch(verdict.epoch),
+        })
+        start(() =>
+          this.switchPrimary(
+            role.device,
+            role.degraded,
+            'witness record',
+            verdict.epoch,
+            verdict.forced,
+          ),
         )
-        return
       }
-      if (now < grantorLeaseEnd(this.peerGrantedAt, this.peerTiming)) return
-      failover(() => this.takeOver(role))
+    }
+  }
+
+  private witnessVerdict(): WitnessVerdict {
+    const record = this.options.witness?.record(this.name)
+    return judgeWitnessRecord(this.record, record, this.options.nodeName)
+  }
+
+  /** A forced primary tells the witness about its generation (the witness adopts a newer one). */
+  private reportForced(): void {
+    const witness = this.options.witness
+    if (this.witnessReport !== undefined || witness?.reachable !== true) return
+    const record = witness.record(this.name)
+    if (record === undefined || record.epoch < this.record.epoch) {
+      this.witnessReport = false
+      void this.reportToWitness()
     }
   }
 
   private renewPeerLease(now: number): void {
-    if (this.renewing || now - this.lastRenewAt < peerRenewIntervalMs) return
-    this.renewing = true
-    this.lastRenewAt = now
     const epoch = this.record.epoch
     this.options.control
       .renewLease(
         { volume: this.name, fromNode: this.options.nodeName, epoch },
-        this.peerTiming.leaseMs / 2,
+        this.failover.timing.peerLease.leaseMs / 2,
       )
       .then(
         (reply) => {
-          if (reply.granted && epoch === this.record.epoch) {
-            this.peerLeaseEnd = Math.max(this.peerLeaseEnd, holderLeaseEnd(now, this.peerTiming))
-          }
+          this.failover.renewAnswered(now, reply.granted && epoch === this.record.epoch)
         },
-        () => undefined,
+        () => {
+          this.failover.renewAnswered(now, false)
+        },
       )
-      .finally(() => {
-        this.renewing = false
-      })
   }
 
   /** The peer is gone: ask the witness to run alone in a new generation. */
@@ -1295,7 +1313,9 @@ export class ReplicaController implements BlockDevice {
       if (
         isDuplexError(error, 'FAILED_PRECONDITION') &&
         record !== undefined &&
-        record.owner !== me
+        record.owner !== me &&
+        // An older record (the witness has not heard of a forced lineage yet) is not followed.
+        record.epoch > this.record.epoch
       ) {
         await this.yieldTo(record)
         return
@@ -1372,6 +1392,13 @@ export class ReplicaController implements BlockDevice {
     // A grant is the witness's serialized decision: act on it while this replica is still the
     // secondary that asked (the old owner, if alive, finds its stream refused and yields).
     if (this.role !== role) return
+    if (grant.epoch <= this.record.epoch) {
+      this.failoverFailed(
+        new DuplexError('FAILED_PRECONDITION', `stale grant ${formatEpoch(grant.epoch)}`),
+        `the witness granted a takeover in epoch ${formatEpoch(grant.epoch)}, not newer than ${formatEpoch(this.record.epoch)}`,
+      )
+      return
+    }
     this.gate('taking over')
     try {
       role.secondary.close('this node took over')
@@ -1419,7 +1446,19 @@ export class ReplicaController implements BlockDevice {
       dirtyBytes: this.dirty.dirtyBytes,
       resyncBytes: this.resyncBytes,
     })
-    await this.switchPrimary(device, false, 'the peer is back')
+    // A forced primary continues in a generation above every one issued meanwhile, so that the
+    // witness adopts this lineage (after a split brain it may hold the discarded side's).
+    const role = this.role
+    const epoch = role.forced
+      ? nextGeneration(
+          Math.max(
+            this.record.epoch,
+            peer.epoch,
+            this.options.witness?.record(this.name)?.epoch ?? 0,
+          ),
+        )
+      : nextTerm(this.record.epoch)
+    await this.switchPrimary(device, false, 'the peer is back', epoch, role.forced)
   }
 
   private async loadDirty(): Promise<void> {
@@ -1459,10 +1498,16 @@ export class ReplicaController implements BlockDevice {
     this.learning ??= (async () => {
       try {
         if (epoch <= this.record.epoch) return
-        await this.persist({ ...this.record, epoch, primary })
+        const learned = learnedRecord(this.record, epoch, primary)
+        await this.persist(learned)
         const role = this.role
         if (role.type === 'secondary') role.secondary.advance(epoch, primary)
-        this.options.log.info('learned a new epoch', { volume: this.name, epoch, primary })
+        this.options.log.info('learned a new epoch', {
+          volume: this.name,
+          epoch: formatEpoch(epoch),
+          primary,
+          state: learned.state,
+        })
       } catch (error) {
         this.options.log.error('cannot record a new epoch', { error: errorMessage(error) })
       } finally {
@@ -1502,15 +1547,7 @@ export class ReplicaController implements BlockDevice {
    * generation history (`forced`: by an admin's forced promotion).
    */
   private async persist(record: ReplicaRecord, forced = false): Promise<void> {
-    let history = record.history ?? this.record.history ?? []
-    if (record.epoch > 0 && generationOf(record.epoch) > generationOf(this.record.epoch)) {
-      history = appendGeneration(history, {
-        generation: generationOf(record.epoch),
-        owner: record.primary,
-        forced,
-      })
-    }
-    const next = history.length === 0 ? { ...record } : { ...record, history }
+    const next = recordWithHistory(this.record, record, forced)
     await this.options.store.setReplica(this.name, next)
     this.record = next
   }

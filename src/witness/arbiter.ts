@@ -146,7 +146,12 @@ export class Arbiter {
     if (!known.ok) return known
     const { record } = known
     const { node, epoch } = request
-    if (record.owner === node && !record.inSync) return unchanged(record)
+    const ahead = aheadOfWitness(request, record)
+    if (ahead !== undefined) return ahead
+    // A retry (the answer was lost): the record is newer than the requester knows. Otherwise
+    // even an owner recorded as not in sync (its peer still syncing) gets a new generation, so
+    // that a report of its older epoch still in flight cannot mark the volume in sync again.
+    if (record.owner === node && !record.inSync && record.epoch > epoch) return unchanged(record)
     if (record.owner !== node) {
       return refuse(
         'FAILED_PRECONDITION',
@@ -165,6 +170,8 @@ export class Arbiter {
     const { record } = known
     const { node, epoch, volume } = request
     if (!record.replicas.includes(node)) return notAReplica(node, record)
+    const ahead = aheadOfWitness(request, record)
+    if (ahead !== undefined) return ahead
     if (record.owner === node) {
       if (!record.inSync) return unchanged(record)
       return refuse(
@@ -310,5 +317,19 @@ function notAReplica(node: string, record: VolumeRecord): Decision {
   return refuse(
     'INVALID_ARGUMENT',
     `${node} holds no replica of ${record.volume} (${record.replicas.join(' and ')} do)`,
+  )
+}
+
+/**
+ * A request from a generation newer than the witness knows (an admin forced a promotion while
+ * the witness was away, or the witness lost its disk): the witness cannot judge it until the
+ * primary of that generation reports it.
+ */
+function aheadOfWitness(request: GrantRequest, record: VolumeRecord): Decision | undefined {
+  if (generationOf(request.epoch) <= generationOf(record.epoch)) return undefined
+  return refuse(
+    'FAILED_PRECONDITION',
+    `${request.node} knows ${request.volume} in epoch ${formatEpoch(request.epoch)}, newer than ` +
+      `the witness's ${formatEpoch(record.epoch)}; its primary must report that epoch first`,
   )
 }

@@ -308,3 +308,49 @@ t.test('heartbeats: leases are tracked per node, and bounded', async (t) => {
   t.equal(witness.leases(awake).length, 4096, 'no more than leaseNodesMax')
   t.ok(witness.heartbeat('a', awake), 'a known node still renews')
 })
+
+t.test('degrade: an owner not yet in sync still gets a new generation', async (t) => {
+  // The owner's first report said "not in sync" (its peer was syncing); a report of "in sync"
+  // for that epoch may still be in flight. The grant must move past it.
+  const witness = arbiter({ ...inSync(), inSync: false })
+  const decision = witness.degrade({ volume: 'v', node: 'a', epoch: G + 3 }, awake)
+  const granted = grant(t, decision)
+  t.equal(granted.epoch, 2 * G, 'a new generation')
+  if (decision.ok && decision.change !== undefined) witness.apply(decision.change)
+  const late = witness.report({
+    volume: 'v',
+    node: 'a',
+    replicas: ['a', 'b'],
+    epoch: G + 3,
+    primary: 'a',
+    inSync: true,
+  })
+  t.same(grant(t, late), { ...inSync(), epoch: 2 * G, inSync: false }, 'the late report is ignored')
+})
+
+t.test('requests from a generation the witness does not know are refused', async (t) => {
+  // An admin forced a promotion while the witness was away: it cannot judge that lineage
+  // until its primary reports it.
+  const witness = arbiter({ ...inSync(), inSync: false })
+  refused(
+    t,
+    witness.takeover({ volume: 'v', node: 'a', epoch: 3 * G + 1 }, awake),
+    'FAILED_PRECONDITION',
+    /must report that epoch first/,
+  )
+  refused(
+    t,
+    witness.degrade({ volume: 'v', node: 'b', epoch: 3 * G }, awake),
+    'FAILED_PRECONDITION',
+    /must report that epoch first/,
+  )
+  const reported = witness.report({
+    volume: 'v',
+    node: 'b',
+    replicas: ['a', 'b'],
+    epoch: 3 * G,
+    primary: 'b',
+    inSync: false,
+  })
+  t.same(grant(t, reported), { ...inSync(3 * G, 'b'), inSync: false }, 'a report is adopted')
+})
