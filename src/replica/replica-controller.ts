@@ -649,6 +649,14 @@ export class ReplicaController implements BlockDevice {
       throw new DuplexError('INVALID_ARGUMENT', `${request.keep} holds no replica of ${this.name}`)
     }
     const peer = await this.options.control.describe(this.name, 5000)
+    if (!peer.exists || peer.state !== 'UpToDate' || peer.primary !== request.keep) {
+      throw new DuplexError(
+        'FAILED_PRECONDITION',
+        `${request.keep}'s replica of ${this.name} cannot be kept: it is ` +
+          `${peer.exists ? peer.state : 'missing'} and follows ${peer.primary || 'nobody'}; keep ` +
+          `${this.options.nodeName} instead, or promote ${request.keep} with --force first`,
+      )
+    }
     const role = this.role
     this.gate('resolving a split brain')
     try {
