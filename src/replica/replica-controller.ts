@@ -657,6 +657,18 @@ export class ReplicaController implements BlockDevice {
           `${this.options.nodeName} instead, or promote ${request.keep} with --force first`,
       )
     }
+    const record = this.options.witness?.record(this.name)
+    if (
+      record !== undefined &&
+      record.owner === this.options.nodeName &&
+      record.epoch > peer.epoch
+    ) {
+      throw new DuplexError(
+        'FAILED_PRECONDITION',
+        `the witness follows ${this.options.nodeName} in epoch ${formatEpoch(record.epoch)}, newer ` +
+          `than ${request.keep}'s ${formatEpoch(peer.epoch)}: keep ${this.options.nodeName}`,
+      )
+    }
     const role = this.role
     this.gate('resolving a split brain')
     try {

@@ -2072,12 +2072,22 @@ export class FailoverSim {
       if (split !== undefined) {
         if (this.forcedOwner === undefined)
           this.fail(`split brain without a forced promotion: ${split.splitBrain ?? ''}`)
-        // The admin keeps a replica that may be kept (UpToDate, its own primary: what resolve
-        // accepts), the serving one first, else the forced one.
-        const keepable = [a, b].filter(
-          (node) =>
-            node.up && node.record.primary === node.name && node.record.state === 'UpToDate',
-        )
+        // The admin keeps a replica that may be kept (UpToDate, its own primary, not behind the
+        // other side at the witness: what resolve accepts), the serving one first, else the
+        // forced one.
+        const keepable = [a, b].filter((node) => {
+          const witness = this.nodes[node.peer].witnessKnown
+          const contradicted =
+            witness !== undefined &&
+            witness.owner === node.peer &&
+            witness.epoch > node.record.epoch
+          return (
+            node.up &&
+            node.record.primary === node.name &&
+            node.record.state === 'UpToDate' &&
+            !contradicted
+          )
+        })
         const keep =
           keepable.find((node) => node.role.type === 'primary') ??
           keepable.find((node) => node.name === this.forcedOwner) ??
