@@ -957,14 +957,8 @@ export class ReplicaController implements BlockDevice {
       return
     }
     if (this.role.type !== 'primary' || this.role.device !== device) return
-    const fork = findFork(this.record.history ?? [], peer.history)
-    if (fork !== undefined) {
-      // Never resync across a fork: which side to keep is the admin's call (resolve).
-      const why = describeFork(fork)
-      if (this.splitBrain !== why) this.options.log.error('split brain', { volume: this.name, why })
-      this.splitBrain = why
-      return
-    }
+    // Never resync across a fork: which side to keep is the admin's call (resolve).
+    if (this.forked(peer.history)) return
     const plan = resyncPlan({
       sizeBytes: this.info.sizeBytes,
       peer: {
@@ -1443,13 +1437,7 @@ export class ReplicaController implements BlockDevice {
       return
     }
     if (!peer.exists || peer.sizeBytes !== this.info.sizeBytes) return
-    const fork = findFork(this.record.history ?? [], peer.history)
-    if (fork !== undefined) {
-      const why = describeFork(fork)
-      if (this.splitBrain !== why) this.options.log.error('split brain', { volume: this.name, why })
-      this.splitBrain = why
-      return
-    }
+    if (this.forked(peer.history)) return
     this.splitBrain = undefined
     if (peer.primary === this.options.peerName && peer.epoch > this.record.epoch) {
       this.options.log.error('the peer runs the volume in a newer epoch: split brain?', {
@@ -1479,6 +1467,16 @@ export class ReplicaController implements BlockDevice {
         )
       : nextTerm(this.record.epoch)
     await this.switchPrimary(device, false, 'the peer is back', epoch, role.forced)
+  }
+
+  /** Whether the two histories fork (split brain): then reported, in the log and the metric. */
+  private forked(peerHistory: ReplicaRecord['history']): boolean {
+    const fork = findFork(this.record.history ?? [], peerHistory ?? [])
+    if (fork === undefined) return false
+    const why = describeFork(fork)
+    if (this.splitBrain !== why) this.options.log.error('split brain', { volume: this.name, why })
+    this.splitBrain = why
+    return true
   }
 
   private async loadDirty(): Promise<void> {
