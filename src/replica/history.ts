@@ -20,31 +20,62 @@ export function appendGeneration(
 }
 
 export interface Fork {
-  generation: number
+  /** The last generation both went through with the same owner (0: none known). */
+  common: number
+  /** The first generation each entered after it. */
   mine: GenerationEntry
   theirs: GenerationEntry
 }
 
-/** The first generation both histories list with different owners, if any. */
+/**
+ * Whether the two histories fork: one generation has two owners, or after the last generation
+ * they share (same number, same owner) each went on into one the other did not enter (a replica
+ * far behind has nothing after it, so it is no fork). That happens only when a forced
+ * promotion ran beside the witness's lineage: the same generation number given to two owners,
+ * or different numbers on each side.
+ * Entries older than the other side's oldest (histories are bounded) are not compared.
+ */
 export function findFork(
   mine: readonly GenerationEntry[],
   theirs: readonly GenerationEntry[],
 ): Fork | undefined {
+  const [myOldest] = mine
+  const [theirOldest] = theirs
+  if (myOldest === undefined || theirOldest === undefined) return undefined
+  const owners = new Map(theirs.map((entry) => [entry.generation, entry.owner]))
+  // One generation with two owners, wherever it lies (a replica that followed the other side
+  // afterwards still lists it).
   for (const entry of mine) {
     const other = theirs.find((candidate) => candidate.generation === entry.generation)
     if (other !== undefined && other.owner !== entry.owner) {
-      return { generation: entry.generation, mine: entry, theirs: other }
+      const before = mine.filter((each) => each.generation < entry.generation)
+      const shared = before.filter((each) => owners.get(each.generation) === each.owner)
+      return { common: shared.at(-1)?.generation ?? 0, mine: entry, theirs: other }
     }
   }
-  return undefined
+  let common = 0
+  for (const entry of mine) {
+    if (owners.get(entry.generation) === entry.owner) common = Math.max(common, entry.generation)
+  }
+  const floor = Math.max(common, Math.max(myOldest.generation, theirOldest.generation) - 1)
+  const myNext = mine.find((entry) => entry.generation > floor)
+  const theirNext = theirs.find((entry) => entry.generation > floor)
+  if (myNext === undefined || theirNext === undefined) return undefined
+  return { common, mine: myNext, theirs: theirNext }
 }
 
 export function describeFork(fork: Fork): string {
   const side = (entry: GenerationEntry): string =>
     `${entry.owner}${entry.forced ? ' (forced by an admin)' : ''}`
+  const where =
+    fork.mine.generation === fork.theirs.generation
+      ? `generation ${fork.mine.generation} is owned by ${side(fork.mine)} here and by ` +
+        `${side(fork.theirs)} on the peer`
+      : `after generation ${fork.common}, this replica went on in generation ` +
+        `${fork.mine.generation} (${side(fork.mine)}) and the peer in generation ` +
+        `${fork.theirs.generation} (${side(fork.theirs)})`
   return (
-    `split brain: generation ${fork.generation} is owned by ${side(fork.mine)} here and by ` +
-    `${side(fork.theirs)} on the peer; both may have acknowledged writes the other lacks. ` +
+    `split brain: ${where}; both may have acknowledged writes the other lacks. ` +
     `Pick the replica to keep: duplex volume resolve VOLUME --keep NODE`
   )
 }

@@ -15,12 +15,13 @@ t.test('append keeps one entry per generation, ordered and bounded', async (t) =
   t.equal(history[history.length - 1]?.generation, 99, 'the newest kept')
 })
 
-t.test('a fork is one generation with two owners', async (t) => {
+t.test('a fork: each side went on after the last generation they share', async (t) => {
   const common = [entry(1, 'a'), entry(2, 'b')]
   t.equal(findFork(common, common), undefined)
   t.equal(findFork([...common, entry(3, 'a')], common), undefined, 'one side ahead is no fork')
+  t.equal(findFork([entry(1, 'a')], [...common, entry(4, 'b')]), undefined, 'nor far ahead')
   const fork = findFork([...common, entry(3, 'a')], [...common, entry(3, 'b', true)])
-  t.same(fork, { generation: 3, mine: entry(3, 'a'), theirs: entry(3, 'b', true) })
+  t.same(fork, { common: 2, mine: entry(3, 'a'), theirs: entry(3, 'b', true) })
   if (fork !== undefined) {
     t.match(
       describeFork(fork),
@@ -28,4 +29,21 @@ t.test('a fork is one generation with two owners', async (t) => {
     )
     t.match(describeFork(fork), /duplex volume resolve VOLUME --keep NODE/)
   }
+  // The witness gave generation 2 to a while an admin forced b into generation 3 (b never heard
+  // of 2): different numbers, still a fork.
+  const apart = findFork([entry(1, 'a'), entry(2, 'a')], [entry(1, 'a'), entry(3, 'b', true)])
+  t.same(apart, { common: 1, mine: entry(2, 'a'), theirs: entry(3, 'b', true) })
+  if (apart !== undefined) {
+    t.match(
+      describeFork(apart),
+      /after generation 1, this replica went on in generation 2 \(a\) and the peer in generation 3 \(b \(forced by an admin\)\)/,
+    )
+  }
+})
+
+t.test('bounded histories compare only what both still hold', async (t) => {
+  const long = Array.from({ length: 32 }, (_, index) => entry(index + 20, 'a'))
+  t.equal(findFork([entry(1, 'a'), entry(5, 'b')], long), undefined, 'far behind, no fork')
+  t.equal(findFork(long, [...long, entry(52, 'a')]), undefined)
+  t.same(findFork([...long.slice(1), entry(52, 'b')], [...long, entry(53, 'a')])?.common, 51)
 })
