@@ -87,8 +87,6 @@ export type Mutation =
   | 'none'
   /** Degraded writes are not marked in the dirty bitmap (the resync misses them). */
   | 'noDirty'
-  /** A secondary serves reads before the primary said it is in sync in this epoch. */
-  | 'readsBeforeSync'
 
 export interface FailoverSimConfig {
   seed: number
@@ -1258,7 +1256,7 @@ export class FailoverSim {
     }
     node.al.clear()
     this.persist(node, { ...node.record, state: 'UpToDate' })
-    if (this.config.mutation !== 'readsBeforeSync') role.syncedEpoch = epoch
+    role.syncedEpoch = epoch
     this.roleStarted(node)
     this.note(`${node.name} is UpToDate`)
     return true
@@ -1757,8 +1755,7 @@ export class FailoverSim {
           ? !role.closed && this.mayServe(node, role, 'read')
           : role.type === 'secondary' &&
             node.record.state === 'UpToDate' &&
-            (role.syncedEpoch === node.record.epoch ||
-              this.config.mutation === 'readsBeforeSync') &&
+            role.syncedEpoch === node.record.epoch &&
             node.failover.peerLeaseValid(this.local(node))
       if (!local) {
         this.forward(node, op)
