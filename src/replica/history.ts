@@ -29,11 +29,16 @@ export interface Fork {
 
 /**
  * Whether the two histories fork: one generation has two owners, or after the last generation
- * they share (same number, same owner) each went on into one the other did not enter (a replica
- * far behind has nothing after it, so it is no fork). That happens only when a forced
- * promotion ran beside the witness's lineage: the same generation number given to two owners,
- * or different numbers on each side.
- * Entries older than the other side's oldest (histories are bounded) are not compared.
+ * they share (same number, same owner) each went on into one the other did not enter, owned by
+ * different nodes. That happens only when a forced promotion ran beside the witness's lineage:
+ * the same generation number given to two owners, or different numbers on each side.
+ *
+ * Gaps alone are no fork: a replica far behind has nothing after the common generation, and a
+ * sync target learns its source's generation without entering the ones it slept through, so it
+ * may list 3 where its source lists 2 and 3 (or, in a description sent before the source
+ * entered 3, only 2). Generations are issued in order and the owner of each lists it, so in one
+ * lineage the first generations after a gap have the same owner; two owners there are two
+ * lineages. Entries older than the other side's oldest (histories are bounded) are not compared.
  */
 export function findFork(
   mine: readonly GenerationEntry[],
@@ -61,6 +66,7 @@ export function findFork(
   const myNext = mine.find((entry) => entry.generation > floor)
   const theirNext = theirs.find((entry) => entry.generation > floor)
   if (myNext === undefined || theirNext === undefined) return undefined
+  if (myNext.owner === theirNext.owner) return undefined
   return { common, mine: myNext, theirs: theirNext }
 }
 
