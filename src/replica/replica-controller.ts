@@ -773,11 +773,12 @@ export class ReplicaController implements BlockDevice {
 
   private async bootstrap(): Promise<void> {
     const { nodeName, peerName, log } = this.options
-    if (this.options.witness !== undefined && (await this.options.witness.ready(2000))) {
-      await this.adoptWitnessRecord()
-    }
+    if (this.options.witness !== undefined) await this.options.witness.ready(2000)
     for (;;) {
       if (this.role.type === 'closed') return
+      // Each round: a witness that was unreachable at start may answer later, and its record
+      // (e.g. a takeover this node was granted but never persisted) can be what lets it lead.
+      await this.adoptWitnessRecord()
       let remote: DescribeReply | undefined
       try {
         remote = await this.options.control.describe(this.name, 2000)

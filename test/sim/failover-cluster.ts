@@ -565,8 +565,6 @@ export class FailoverSim {
         this.onNode(node, 100, waitWitness)
         return
       }
-      const adopted = adoptWitnessRecord(node.record, node.witnessKnown, node.name)
-      if (adopted !== undefined) this.persist(node, adopted)
       this.bootstrap(node)
     }
     waitWitness()
@@ -590,6 +588,9 @@ export class FailoverSim {
 
   private bootstrap(node: Node): void {
     if (node.role.type !== 'none') return
+    // Every round, as the controller does: the witness may have answered since the last one.
+    const adopted = adoptWitnessRecord(node.record, node.witnessKnown, node.name)
+    if (adopted !== undefined) this.persist(node, adopted)
     const retry = (): void => {
       this.onNode(node, bootstrapRetryMs, () => {
         this.bootstrap(node)
