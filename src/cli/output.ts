@@ -24,6 +24,7 @@ export function exitCodeFor(code: ErrorCode): number {
     case 'OUT_OF_RANGE':
       return ExitCode.USAGE
     case 'VOLUME_NOT_FOUND':
+    case 'NOT_FOUND':
       return ExitCode.NOT_FOUND
     case 'VOLUME_BUSY':
     case 'STORE_LOCKED':
@@ -35,6 +36,7 @@ export function exitCodeFor(code: ErrorCode): number {
     case 'READ_ONLY':
     case 'NOT_SUPPORTED':
     case 'VOLUME_EXISTS':
+    case 'ALREADY_EXISTS':
     case 'STORE_CORRUPT':
     case 'IO_ERROR':
     case 'FAILED_PRECONDITION':

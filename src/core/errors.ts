@@ -12,6 +12,8 @@ export type ErrorCode =
   | 'NOT_SUPPORTED' // a valid request this backend cannot do (e.g. FAST_ZERO without a fast path)
   | 'VOLUME_NOT_FOUND'
   | 'VOLUME_EXISTS'
+  | 'NOT_FOUND' // a domain or node (catalog) that does not exist
+  | 'ALREADY_EXISTS' // a domain or node (catalog) with that name exists
   | 'VOLUME_BUSY' // a volume still in use (e.g. clients attached when deleting)
   | 'STORE_LOCKED' // the data directory is held by another process
   | 'STORE_CORRUPT' // metadata that fails its own checks

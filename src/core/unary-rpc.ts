@@ -41,6 +41,8 @@ const errorCodes = {
   NOT_SUPPORTED: true,
   VOLUME_NOT_FOUND: true,
   VOLUME_EXISTS: true,
+  NOT_FOUND: true,
+  ALREADY_EXISTS: true,
   VOLUME_BUSY: true,
   STORE_LOCKED: true,
   STORE_CORRUPT: true,

@@ -210,18 +210,30 @@ function parseReplication(
   what = 'replication endpoint',
 ): { host: string; port: number } {
   const text = requireString(value, at)
-  const { host, port } = rethrowAt(at, () => parseEndpoint(text, what))
+  return rethrowAt(at, () => parseReachableEndpoint(text, what))
+}
+
+/**
+ * HOST:PORT that other machines connect to: IPv4, hostname or [IPv6], port 1-65535, not a
+ * wildcard address. INVALID_ARGUMENT with the expected form otherwise.
+ */
+export function parseReachableEndpoint(text: string, what: string): { host: string; port: number } {
+  const { host, port } = parseEndpoint(text, what)
   const bracketed = text.trim().startsWith('[')
   if (bracketed ? isIP(host) !== 6 : !isIPv4OrHostname(host)) {
-    throw at.error(
+    throw new DuplexError(
+      'INVALID_ARGUMENT',
       `${what} "${text}" has no valid host: use an IPv4 address, ` +
         `a hostname or [IPv6], e.g. 10.0.0.1:10810 or [fd00::1]:10810`,
     )
   }
   if (host === '0.0.0.0' || (isIP(host) === 6 && /^[0:]+$/.test(host))) {
-    throw at.error(`${what} "${text}" is a wildcard address; peers cannot reach it`)
+    throw new DuplexError(
+      'INVALID_ARGUMENT',
+      `${what} "${text}" is a wildcard address; peers cannot reach it`,
+    )
   }
-  if (port < 1) throw at.error(`${what} "${text}": port must be 1-65535`)
+  if (port < 1) throw new DuplexError('INVALID_ARGUMENT', `${what} "${text}": port must be 1-65535`)
   return { host, port }
 }
 

@@ -639,6 +639,8 @@ export function errnoFor(code: ErrorCode): number {
       return Errno.ESHUTDOWN
     case 'VOLUME_NOT_FOUND':
     case 'VOLUME_EXISTS':
+    case 'NOT_FOUND':
+    case 'ALREADY_EXISTS':
     case 'VOLUME_BUSY':
     case 'STORE_LOCKED':
     case 'STORE_CORRUPT':
