@@ -1,10 +1,13 @@
 /**
- * `duplex witness`: the third-site daemon's composition root. Loads its durable records, runs the
- * arbiter (src/witness/arbiter.ts) behind the Witness gRPC service, and exposes /metrics.
+ * `duplex witness`: the third-site daemon's composition root. Loads its durable records and the
+ * cluster catalog, runs the arbiter (src/witness/arbiter.ts) behind the Witness gRPC service and
+ * the catalog (src/witness/catalog.ts) behind the Admin service, on one port, and exposes
+ * /metrics.
  *
  * Every decision runs alone, in arrival order: decide on the current state with the current
  * monotonic time, make the change durable (synced RocksDB batch), apply it, answer. Two requests
- * can therefore never be granted against the same state. If the store fails, the witness grants
+ * can therefore never be granted against the same state. Catalog changes join the same queue,
+ * so a volume deleted from the catalog and its witness record go away together. If the store fails, the witness grants
  * nothing more until it is restarted (it cannot know what is durable).
  */
 import type { AddressInfo } from 'node:net'
@@ -22,6 +25,10 @@ import type { LeaseTiming } from '../witness/lease.js'
 import { addWitnessService, witnessServerOptions } from '../witness/witness-service.js'
 import type { HeartbeatAnswer, WitnessHandlers, WitnessStatus } from '../witness/witness-service.js'
 import { WitnessStore } from '../witness/witness-store.js'
+import { addAdminService } from '../witness/admin-service.js'
+import type { AdminHandlers, ChangeAnswer, ClusterStatus } from '../witness/admin-service.js'
+import { applyCatalogCommand } from '../witness/catalog.js'
+import type { Catalog, CatalogCommand } from '../witness/catalog.js'
 
 export interface WitnessOptions {
   name: string
@@ -40,18 +47,115 @@ export interface RunningWitness {
 
 type Kind = 'report' | 'degrade' | 'takeover' | 'handover'
 
-/** The handlers: the arbiter, one decision at a time, durable before it answers. */
-class Witness implements WitnessHandlers {
+/** The handlers: the arbiter and the catalog, one decision at a time, durable before it answers. */
+class Witness implements WitnessHandlers, AdminHandlers {
   private tail: Promise<unknown> = Promise.resolve()
   private storeFailure: string | undefined
   readonly grants = new Map<Kind, number>()
   readonly refusals = new Map<string, number>()
+  readonly catalogChanges = new Map<string, number>()
+  /** GetCatalog calls waiting for a newer revision. */
+  private readonly waiters = new Set<() => void>()
 
   constructor(
     readonly arbiter: Arbiter,
+    public catalog: Catalog,
     private readonly store: WitnessStore,
     private readonly log: Logger,
   ) {}
+
+  change(command: CatalogCommand): Promise<ChangeAnswer> {
+    const result = this.tail.then(async () => {
+      this.checkStore()
+      const now = performance.now()
+      const up = new Set(
+        this.arbiter
+          .leases(now)
+          .filter((lease) => lease.remainingMs > 0)
+          .map((lease) => lease.node),
+      )
+      const down = new Set(this.catalog.nodes.map((node) => node.name).filter((n) => !up.has(n)))
+      const decision = applyCatalogCommand(this.catalog, command, { down })
+      if (!decision.ok) {
+        const key = `catalog ${decision.code}`
+        this.refusals.set(key, (this.refusals.get(key) ?? 0) + 1)
+        throw new DuplexError(decision.code, decision.message)
+      }
+      if (!decision.changed) return { catalog: this.catalog, changed: false }
+      const next = decision.catalog
+      const forget = this.catalog.volumes
+        .filter((volume) => !next.volumes.some((kept) => kept.name === volume.name))
+        .map((volume) => volume.name)
+      try {
+        await this.store.putCatalog(next, forget)
+      } catch (error) {
+        this.storeFailed(error)
+        throw new DuplexError('IO_ERROR', `the witness cannot record the catalog change`)
+      }
+      this.catalog = next
+      for (const volume of forget) this.arbiter.forget(volume)
+      this.catalogChanges.set(command.type, (this.catalogChanges.get(command.type) ?? 0) + 1)
+      this.log.info('catalog changed', {
+        revision: next.revision,
+        change: command.type,
+        name: command.name,
+      })
+      for (const wake of this.waiters) wake()
+      return { catalog: next, changed: true }
+    })
+    this.tail = result.catch(() => undefined)
+    return result
+  }
+
+  getCatalog(afterRevision: number, waitMs: number): Promise<Catalog> {
+    if (this.catalog.revision > afterRevision || waitMs === 0) {
+      return Promise.resolve(this.catalog)
+    }
+    return new Promise((resolve) => {
+      const done = (): void => {
+        clearTimeout(timer)
+        this.waiters.delete(done)
+        resolve(this.catalog)
+      }
+      const timer = setTimeout(done, waitMs)
+      this.waiters.add(done)
+    })
+  }
+
+  clusterStatus(): Promise<ClusterStatus> {
+    const now = performance.now()
+    return Promise.resolve({
+      catalog: this.catalog,
+      volumes: this.arbiter.allRecords().map((record) => ({
+        volume: record.volume,
+        epoch: record.epoch,
+        owner: record.owner,
+        inSync: record.inSync,
+      })),
+      leases: this.arbiter
+        .leases(now)
+        .map((lease) => ({ node: lease.node, remainingMs: Math.ceil(lease.remainingMs) })),
+      quietMs: Math.max(0, Math.ceil(this.arbiter.quietUntil - now)),
+    })
+  }
+
+  /** Wakes every waiting GetCatalog (a stopping witness answers them). */
+  wakeAll(): void {
+    for (const wake of this.waiters) wake()
+  }
+
+  private checkStore(): void {
+    if (this.storeFailure !== undefined) {
+      throw new DuplexError('IO_ERROR', `the witness's store failed: ${this.storeFailure}`)
+    }
+  }
+
+  private storeFailed(error: unknown): void {
+    this.storeFailure = errorMessage(error)
+    this.log.error('cannot make a decision durable; granting nothing more', {
+      error: this.storeFailure,
+    })
+  }
 
   heartbeat(node: string): Promise<HeartbeatAnswer> {
     const now = performance.now()
@@ -100,9 +204,7 @@ class Witness implements WitnessHandlers {
 
   private decide(kind: Kind, decide: (now: number) => Decision): Promise<VolumeRecord> {
     const result = this.tail.then(async () => {
-      if (this.storeFailure !== undefined) {
-        throw new DuplexError('IO_ERROR', `the witness's store failed: ${this.storeFailure}`)
-      }
+      this.checkStore()
       const decision = decide(performance.now())
       if (!decision.ok) {
         const key = `${kind} ${decision.code}`
@@ -117,10 +219,7 @@ class Witness implements WitnessHandlers {
         try {
           await this.store.put(change)
         } catch (error) {
-          this.storeFailure = errorMessage(error)
-          this.log.error('cannot make a decision durable; granting nothing more', {
-            error: this.storeFailure,
-          })
+          this.storeFailed(error)
           throw new DuplexError('IO_ERROR', `the witness cannot record ${change.volume}`)
         }
         this.arbiter.apply(change)
@@ -145,21 +244,25 @@ export async function startWitness(options: WitnessOptions): Promise<RunningWitn
   const timing = options.timing ?? nodeLeaseDefaults
   const store = await WitnessStore.open(options.dataDir)
   let records: VolumeRecord[]
+  let catalog: Catalog
   try {
     records = await store.load()
+    catalog = await store.loadCatalog()
   } catch (error) {
     await store.close()
     throw error
   }
   const arbiter = new Arbiter(timing, records, performance.now())
-  const witness = new Witness(arbiter, store, log)
+  const witness = new Witness(arbiter, catalog, store, log)
   log.info('loaded', {
     volumes: records.length,
+    catalogRevision: catalog.revision,
     grantsPausedMs: Math.round(arbiter.quietUntil - performance.now()),
   })
 
   const server = new grpc.Server(witnessServerOptions)
   addWitnessService(server, witness, log.child('rpc'))
+  addAdminService(server, witness, log.child('admin'))
   const registry = new Registry()
   registry.setDefaultLabels({ witness: options.name })
   collectDefaultMetrics({ register: registry })
@@ -195,6 +298,7 @@ export async function startWitness(options: WitnessOptions): Promise<RunningWitn
   const stop = (): Promise<void> => {
     stopping ??= (async () => {
       log.info('stopping')
+      witness.wakeAll()
       await new Promise<void>((resolve) => {
         server.tryShutdown(() => {
           resolve()
@@ -262,6 +366,35 @@ function registerWitnessMetrics(registry: Registry, witness: Witness): void {
       const inSync = records.filter((record) => record.inSync).length
       this.set({ state: 'in_sync' }, inSync)
       this.set({ state: 'degraded' }, records.length - inSync)
+    },
+  })
+  new Counter({
+    name: 'duplex_catalog_changes_total',
+    help: 'Catalog changes the witness made durable, by kind (addNode, createVolume, ...)',
+    labelNames: ['change'],
+    registers: [registry],
+    collect() {
+      this.reset()
+      for (const [change, count] of witness.catalogChanges) this.inc({ change }, count)
+    },
+  })
+  new Gauge({
+    name: 'duplex_catalog_entries',
+    help: 'Entries in the cluster catalog, by kind (domains, nodes, volumes)',
+    labelNames: ['kind'],
+    registers: [registry],
+    collect() {
+      this.set({ kind: 'domains' }, witness.catalog.domains.length)
+      this.set({ kind: 'nodes' }, witness.catalog.nodes.length)
+      this.set({ kind: 'volumes' }, witness.catalog.volumes.length)
+    },
+  })
+  new Gauge({
+    name: 'duplex_catalog_revision',
+    help: 'The catalog revision (counts changes since the cluster was created)',
+    registers: [registry],
+    collect() {
+      this.set(witness.catalog.revision)
     },
   })
   new Gauge({

@@ -136,6 +136,11 @@ export class Arbiter {
     return this.allRecords().filter((record) => record.replicas.includes(node))
   }
 
+  /** Drop the record of a deleted volume (after the caller made that durable). */
+  forget(volume: string): void {
+    this.records.delete(volume)
+  }
+
   /** Make a decided change current (after the caller made it durable). */
   apply(change: VolumeRecord): void {
     this.records.set(change.volume, change)

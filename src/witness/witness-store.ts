@@ -3,9 +3,10 @@
  * per volume in RocksDB under `DATA/meta`, written with a synced batch before any grant is
  * answered. `DATA/lock` keeps a second witness off the same directory.
  *
- * Layout: `volume/<name>` -> JSON `{volume, replicas, epoch, owner, inSync}`. A record that fails
- * its checks on load is STORE_CORRUPT: the witness refuses to start rather than arbitrate from
- * state it cannot trust.
+ * Layout: `volume/<name>` -> JSON `{volume, replicas, epoch, owner, inSync}`; `catalog` -> the
+ * cluster catalog (catalog.ts) as a protobuf `duplex.v1.Catalog`, rewritten whole on each change
+ * (it is small: names, addresses and sizes). A record or catalog that fails its checks on load is
+ * STORE_CORRUPT: the witness refuses to start rather than arbitrate from state it cannot trust.
  */
 import type { FileHandle } from 'node:fs/promises'
 import { mkdir } from 'node:fs/promises'
@@ -16,8 +17,12 @@ import { RocksMetaStore } from '../replica/meta-store.js'
 import type { MetaStore } from '../replica/meta-store.js'
 import type { VolumeRecord } from './arbiter.js'
 import { volumeRecordProblem } from './witness-service.js'
+import { decodeCatalog, encodeCatalog } from './admin-service.js'
+import { emptyCatalog } from './catalog.js'
+import type { Catalog } from './catalog.js'
 
 const volumePrefix = 'volume/'
+const catalogKey = 'catalog'
 
 export class WitnessStore {
   private constructor(
@@ -44,6 +49,30 @@ export class WitnessStore {
       records.push(parseRecord(key, value))
     }
     return records
+  }
+
+  async loadCatalog(): Promise<Catalog> {
+    const bytes = await this.meta.get(catalogKey)
+    if (bytes === undefined) return emptyCatalog
+    try {
+      return decodeCatalog(bytes)
+    } catch (error) {
+      throw new DuplexError('STORE_CORRUPT', `witness catalog: ${errorMessage(error)}`)
+    }
+  }
+
+  /**
+   * The catalog after a change, and the records of volumes it no longer holds removed (a volume
+   * created again later starts a new history): one synced batch, durable when it resolves.
+   */
+  async putCatalog(catalog: Catalog, forgetVolumes: readonly string[]): Promise<void> {
+    await this.meta.batch(
+      [
+        { type: 'put', key: catalogKey, value: encodeCatalog(catalog) },
+        ...forgetVolumes.map((volume) => ({ type: 'del' as const, key: volumePrefix + volume })),
+      ],
+      { sync: true },
+    )
   }
 
   /** Durable when the promise resolves. */
