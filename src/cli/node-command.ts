@@ -1,11 +1,16 @@
 /**
  * `duplex node`: runs the storage daemon in the foreground until SIGTERM or SIGINT. Prints one
  * ready line on stdout once it serves (scripts and `duplex demo` wait for it); logs go to stderr.
+ *
+ * What it replicates comes from the witness's catalog (`--witness HOST:PORT`: it waits until an
+ * admin adds it, then follows every change) or from a static cluster file (`--cluster FILE`);
+ * with neither it serves its local volumes unreplicated.
  */
 import { createLogger } from '../core/log.js'
 import { DuplexError } from '../core/errors.js'
 import { startNode } from '../daemon/node.js'
-import { readClusterConfig } from '../daemon/cluster-config.js'
+import { parseReachableEndpoint, readClusterConfig } from '../daemon/cluster-config.js'
+import { CatalogFollower } from '../daemon/catalog-follower.js'
 import { faultsFromEnvironment } from '../daemon/faults.js'
 import { formatEndpoint, parseEndpoint } from '../core/endpoints.js'
 import { PAYLOAD_BYTES_MAX } from '../nbd/protocol.js'
@@ -18,6 +23,9 @@ export interface NodeArgs {
   metricsListen?: string | undefined
   blockSizeMin: number
   cluster?: string | undefined
+  witness?: string | undefined
+  /** HOST:PORT clients reach the NBD server at, if not --listen (e.g. it listens on 0.0.0.0). */
+  advertise?: string | undefined
 }
 
 export async function runNodeCommand(args: NodeArgs): Promise<number> {
@@ -30,7 +38,24 @@ export async function runNodeCommand(args: NodeArgs): Promise<number> {
     args.metricsListen === undefined
       ? undefined
       : parseEndpoint(args.metricsListen, '--metrics-listen')
-  const cluster = args.cluster === undefined ? undefined : await readClusterConfig(args.cluster)
+  if (args.cluster !== undefined && args.witness !== undefined) {
+    throw new DuplexError(
+      'INVALID_ARGUMENT',
+      'give --witness (follow the catalog) or --cluster (a static file), not both',
+    )
+  }
+  if (args.witness !== undefined) parseEndpoint(args.witness, '--witness')
+  const follower =
+    args.witness === undefined
+      ? undefined
+      : new CatalogFollower({
+          nodeName: args.name,
+          witness: args.witness,
+          dataDir: args.dataDir,
+          log,
+        })
+  const cluster =
+    args.cluster !== undefined ? await readClusterConfig(args.cluster) : await follower?.start()
   const node = await startNode({
     name: args.name,
     ...(cluster === undefined ? {} : { cluster }),
@@ -54,8 +79,25 @@ export async function runNodeCommand(args: NodeArgs): Promise<number> {
     node.replicationAddress === undefined
       ? ''
       : ` replication ${formatEndpoint(node.replicationAddress.address, node.replicationAddress.port)}`
+  if (follower !== undefined) {
+    const advertised =
+      args.advertise ?? formatEndpoint(node.nbdAddress.address, node.nbdAddress.port)
+    try {
+      parseReachableEndpoint(advertised, args.advertise === undefined ? '--listen' : '--advertise')
+      await follower.register(advertised)
+    } catch (error) {
+      follower.stop()
+      await node.stop()
+      throw error
+    }
+    const { replication: running } = node
+    follower.follow((config) => running?.reconcile(config) ?? Promise.resolve())
+  }
   process.stdout.write(`${args.name} listening ${nbd}${metrics}${replication}\n`)
   log.info('serving', { nbd, dataDir: args.dataDir })
 
-  return runUntilStopped(() => node.stop(), log)
+  return runUntilStopped(() => {
+    follower?.stop()
+    return node.stop()
+  }, log)
 }

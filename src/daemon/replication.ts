@@ -22,7 +22,7 @@ import type { ReplicaStatus } from '../replica/replica-controller.js'
 import type { NodeStore, ReplicaRecord } from '../replica/store.js'
 import { WitnessSession } from '../replica/witness-session.js'
 import { WitnessClient } from '../witness/witness-service.js'
-import type { ClusterConfig } from './cluster-config.js'
+import type { ClusterConfig, ClusterNode, ClusterVolume } from './cluster-config.js'
 import { findNode, volumesOfNode } from './cluster-config.js'
 
 export interface ReplicationOptions {
@@ -76,45 +76,125 @@ export class Replication implements ExportRegistry {
             client: new WitnessClient(`${witnessAt.host}:${witnessAt.port}`),
             log: options.log.child('witness'),
           })
+    this.incarnation = incarnation
+    this.config = options.config
     for (const { volume, peer } of volumesOfNode(options.config, options.nodeName)) {
-      const address = `${peer.replication.host}:${peer.replication.port}`
-      let link = this.peers.get(peer.name)
-      if (link === undefined) {
-        const client = new PeerLinkClient(options.link)
-        client.connect(address)
-        link = { link: client, control: new PeerControlClient(address) }
-        this.peers.set(peer.name, link)
-      }
-      const local = options.store.get(volume.name)
-      if (local?.info.sizeBytes !== volume.sizeBytes) {
-        // Not served at all: unreplicated it would take writes its peer never sees.
-        this.refused.add(volume.name)
+      this.addController(volume, peer)
+    }
+  }
+
+  private readonly incarnation: Buffer
+  /** The cluster as last applied (start, then each `reconcile`). */
+  private config: ClusterConfig
+  /** Volumes removed from this node whose replica is still to be deleted (clients attached). */
+  private readonly retiring = new Set<string>()
+  private reconciling: Promise<void> = Promise.resolve()
+
+  private addController(volume: ClusterVolume, peer: ClusterNode): void {
+    const { options } = this
+    const address = `${peer.replication.host}:${peer.replication.port}`
+    let link = this.peers.get(peer.name)
+    if (link === undefined) {
+      const client = new PeerLinkClient(options.link)
+      client.connect(address)
+      link = { link: client, control: new PeerControlClient(address) }
+      this.peers.set(peer.name, link)
+    }
+    const local = options.store.get(volume.name)
+    if (local?.info.sizeBytes !== volume.sizeBytes) {
+      // Not served at all: unreplicated it would take writes its peer never sees.
+      this.refused.add(volume.name)
+      return
+    }
+    this.controllers.set(
+      volume.name,
+      new ReplicaController(
+        {
+          nodeName: options.nodeName,
+          peerName: peer.name,
+          peerAddress: address,
+          configuredPrimary: volume.primary,
+          followTheWriter: volume.followTheWriter,
+          volume: local,
+          store: options.store,
+          link: link.link,
+          control: link.control,
+          incarnation: this.incarnation,
+          log: options.log,
+          onLostQuorum: volume.onLostQuorum,
+          resyncRateBytes: volume.resyncRateBytes,
+          ...(this.witness === undefined ? {} : { witness: this.witness }),
+          ...(options.roleWaitMs === undefined ? {} : { roleWaitMs: options.roleWaitMs }),
+        },
+        options.store.replica(volume.name) ?? initialRecord(volume.primary === options.nodeName),
+      ),
+    )
+  }
+
+  /**
+   * Applies a newer cluster (the catalog changed): creates and starts the replicas newly placed
+   * here, stops and deletes the ones no longer placed here (their clients' I/O fails from then;
+   * the data goes once the last client detaches, retried on each call). Changes of a kept
+   * volume's settings or of its peer's address take effect at the node's next start (logged).
+   * One reconcile at a time, in call order.
+   */
+  reconcile(config: ClusterConfig): Promise<void> {
+    const run = this.reconciling.then(() => this.applyConfig(config))
+    this.reconciling = run.catch((error: unknown) => {
+      this.options.log.error('cannot apply the cluster change', { error: errorMessage(error) })
+    })
+    return run
+  }
+
+  private async applyConfig(config: ClusterConfig): Promise<void> {
+    const { nodeName, store, log } = this.options
+    const before = new Map(
+      volumesOfNode(this.config, nodeName).map((entry) => [entry.volume.name, entry]),
+    )
+    const after = volumesOfNode(config, nodeName)
+    this.config = config
+    for (const { volume, peer } of after) {
+      const known = before.get(volume.name)
+      if (known !== undefined && this.controllers.has(volume.name)) {
+        if (JSON.stringify(known) !== JSON.stringify({ volume, peer })) {
+          log.warn('a volume setting changed; it applies when this node restarts', {
+            volume: volume.name,
+          })
+        }
         continue
       }
-      this.controllers.set(
-        volume.name,
-        new ReplicaController(
-          {
-            nodeName: options.nodeName,
-            peerName: peer.name,
-            peerAddress: address,
-            configuredPrimary: volume.primary,
-            followTheWriter: volume.followTheWriter,
-            volume: local,
-            store: options.store,
-            link: link.link,
-            control: link.control,
-            incarnation,
-            log: options.log,
-            onLostQuorum: volume.onLostQuorum,
-            resyncRateBytes: volume.resyncRateBytes,
-            ...(this.witness === undefined ? {} : { witness: this.witness }),
-            ...(options.roleWaitMs === undefined ? {} : { roleWaitMs: options.roleWaitMs }),
-          },
-          options.store.replica(volume.name) ?? initialRecord(volume.primary === options.nodeName),
-        ),
-      )
+      if (this.retiring.has(volume.name)) continue // deleted and created again: after the delete
+      await ensureReplica(store, volume, log)
+      this.refused.delete(volume.name)
+      this.addController(volume, peer)
+      this.controllers.get(volume.name)?.start()
+      log.info('replica added', { volume: volume.name, peer: peer.name })
     }
+    const kept = new Set(after.map((entry) => entry.volume.name))
+    for (const name of before.keys()) {
+      if (kept.has(name)) continue
+      const controller = this.controllers.get(name)
+      this.controllers.delete(name)
+      this.refused.add(name) // no new client attaches
+      await controller?.close()
+      this.retiring.add(name)
+      log.info('replica removed from this node', { volume: name })
+    }
+    for (const name of [...this.retiring]) {
+      try {
+        if (store.get(name) !== undefined) await store.delete(name)
+        this.retiring.delete(name)
+        this.refused.delete(name)
+        log.info('replica deleted, space freed', { volume: name })
+      } catch (error) {
+        log.warn('replica not deleted yet', { volume: name, error: errorMessage(error) })
+      }
+    }
+  }
+
+  /** Volumes removed from this node whose data is not deleted yet (clients still attached). */
+  get retiringVolumes(): string[] {
+    return [...this.retiring]
   }
 
   /** Creates missing replicas, listens on this node's replication endpoint, starts every volume. */
@@ -128,18 +208,7 @@ export class Replication implements ExportRegistry {
       )
     }
     for (const { volume } of volumesOfNode(config, nodeName)) {
-      const existing = store.get(volume.name)
-      if (existing === undefined) {
-        await store.create(volume.name, volume.sizeBytes)
-        await store.setReplica(volume.name, initialRecord(false))
-        log.info('created a new replica', { volume: volume.name, bytes: volume.sizeBytes })
-      } else if (existing.info.sizeBytes !== volume.sizeBytes) {
-        log.error('replica size differs from the cluster file; not serving it', {
-          volume: volume.name,
-          local: existing.info.sizeBytes,
-          cluster: volume.sizeBytes,
-        })
-      }
+      await ensureReplica(store, volume, log)
     }
     const replication = new Replication(options)
     await addPeerControlService(replication.server.grpcServer, replication.handlers(), log)
@@ -191,6 +260,7 @@ export class Replication implements ExportRegistry {
 
   /** Stops every controller (pending requests fail), says Goodbye on every stream. */
   async close(): Promise<void> {
+    await this.reconciling
     const results = await Promise.allSettled(
       [...this.controllers.values()].map((controller) => controller.close()),
     )
@@ -235,6 +305,22 @@ export class Replication implements ExportRegistry {
       syncComplete: (request) =>
         Promise.resolve().then(() => find(request.volume).syncComplete(request)),
     }
+  }
+}
+
+/** Creates the local replica of a volume placed here if it is missing. */
+async function ensureReplica(store: NodeStore, volume: ClusterVolume, log: Logger): Promise<void> {
+  const existing = store.get(volume.name)
+  if (existing === undefined) {
+    await store.create(volume.name, volume.sizeBytes)
+    await store.setReplica(volume.name, initialRecord(false))
+    log.info('created a new replica', { volume: volume.name, bytes: volume.sizeBytes })
+  } else if (existing.info.sizeBytes !== volume.sizeBytes) {
+    log.error('replica size differs from the cluster; not serving it', {
+      volume: volume.name,
+      local: existing.info.sizeBytes,
+      cluster: volume.sizeBytes,
+    })
   }
 }
 
