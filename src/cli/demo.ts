@@ -1,25 +1,30 @@
 /**
- * `duplex demo` (what `npm start` runs): a local cluster on 127.0.0.1 for trying duplex out. Two
- * nodes, `node-a` in domain `site-a` and `node-b` in domain `site-b`, with the 1 GiB volume `demo`
- * replicated between them (node-a primary at first), and the witness (domain `site-w`) that
- * arbitrates when one of them fails.
+ * `duplex demo` (what `npm start` runs): a local cluster on 127.0.0.1 for trying duplex out, built
+ * the way an admin builds one: the witness (domain `site-w`) starts first and keeps the catalog;
+ * the demo adds the domains `site-a`, `site-b` and `site-w` and the nodes `node-a` and `node-b`
+ * through its Admin service, starts both nodes following the catalog (`--witness`), and creates
+ * the 1 GiB volume `demo`, which placement puts on node-a (preferred site-a, primary) and node-b.
  *
  * Ports from --port P: node-a NBD P, metrics P+1, replication P+2; node-b P+3, P+4, P+5; the
  * witness P+6 (gRPC) and P+7 (metrics).
  *
  * Output contract, relied on by users and scripts (keep it stable): one line per process,
  * `NAME pid PID nbd://HOST:PORT/VOLUME metrics http://HOST:PORT/metrics` for each node, then
- * `witness pid PID witness HOST:PORT metrics http://HOST:PORT/metrics`, then hints. State lives
- * in --dir (one directory per process and `cluster.json`) and is reused on the next run. Ctrl-C
- * or SIGTERM stops every process cleanly.
+ * `witness pid PID witness HOST:PORT metrics http://HOST:PORT/metrics`, then hints; the lines are
+ * printed once the demo volume is served by both nodes. State lives in --dir (one directory per
+ * process; the catalog in the witness's) and is reused on the next run: every step is idempotent.
+ * Ctrl-C or SIGTERM stops every process cleanly.
  */
 import { spawn } from 'node:child_process'
 import type { ChildProcess } from 'node:child_process'
-import { mkdir, writeFile } from 'node:fs/promises'
 import path from 'node:path'
 import readline from 'node:readline'
 import { fileURLToPath } from 'node:url'
-import { DuplexError } from '../core/errors.js'
+import { DuplexError, errorMessage, isDuplexError } from '../core/errors.js'
+import { GiB } from '../core/units.js'
+import { AdminClient } from '../witness/admin-service.js'
+import type { CatalogCommand } from '../witness/catalog.js'
+import { defaultWitness } from './catalog-command.js'
 
 export interface DemoArgs {
   dir: string
@@ -67,9 +72,6 @@ export async function runDemo(args: DemoArgs): Promise<number> {
   const nodes = demoNodes(args.port)
   const witnessAddress = `127.0.0.1:${args.port + 6}`
   const witnessMetrics = `127.0.0.1:${args.port + 7}`
-  const clusterPath = path.join(dir, 'cluster.json')
-  await writeCluster(clusterPath, nodes, witnessAddress)
-  // The witness first: each node asks it what changed while it was away before it serves.
   const witness = await startProcess('witness', [
     'witness',
     '--name',
@@ -81,32 +83,42 @@ export async function runDemo(args: DemoArgs): Promise<number> {
     '--metrics-listen',
     witnessMetrics,
   ])
-  // Both nodes start together: a new replica waits for its peer to learn whether it holds data.
-  const startedOrFailed = await Promise.allSettled(
-    nodes.map((node) =>
-      startProcess(node.name, [
-        'node',
-        '--name',
-        node.name,
-        '--data-dir',
-        path.join(dir, node.name),
-        '--listen',
-        `127.0.0.1:${node.nbdPort}`,
-        '--metrics-listen',
-        `127.0.0.1:${node.metricsPort}`,
-        '--cluster',
-        clusterPath,
-      ]),
-    ),
-  )
-  const started = startedOrFailed.flatMap((r) => (r.status === 'fulfilled' ? [r.value] : []))
-  const failed = startedOrFailed.find((r) => r.status === 'rejected')
-  if (failed !== undefined) {
-    for (const p of [...started, witness]) p.child.kill('SIGTERM')
-    throw failed.reason
+  const admin = new AdminClient(witnessAddress)
+  const started: Started[] = [witness]
+  try {
+    await buildCatalog(admin, nodes, dir)
+    // Both nodes start together: a new replica waits for its peer to learn whether it holds data.
+    const startedOrFailed = await Promise.allSettled(
+      nodes.map((node) =>
+        startProcess(node.name, [
+          'node',
+          '--name',
+          node.name,
+          '--data-dir',
+          path.join(dir, node.name),
+          '--listen',
+          `127.0.0.1:${node.nbdPort}`,
+          '--metrics-listen',
+          `127.0.0.1:${node.metricsPort}`,
+          '--witness',
+          witnessAddress,
+        ]),
+      ),
+    )
+    for (const result of startedOrFailed) {
+      if (result.status === 'fulfilled') started.push(result.value)
+    }
+    const failed = startedOrFailed.find((r) => r.status === 'rejected')
+    if (failed !== undefined) throw failed.reason
+    await createDemoVolume(admin)
+  } catch (error) {
+    for (const p of started) p.child.kill('SIGTERM')
+    throw error
+  } finally {
+    admin.close()
   }
-  for (const [index, node] of nodes.entries()) {
-    const process_ = started[index]
+  for (const node of nodes) {
+    const process_ = started.find((p) => p.name === node.name)
     if (process_ === undefined) continue
     const metrics = / metrics (\S+)/.exec(process_.readyLine)?.[1]
     process.stdout.write(
@@ -118,31 +130,94 @@ export async function runDemo(args: DemoArgs): Promise<number> {
     `witness pid ${witness.child.pid ?? '?'} witness ${witnessAddress} metrics http://${witnessMetrics}/metrics\n`,
   )
   const [a, b] = nodes.map((node) => `nbd://127.0.0.1:${node.nbdPort}/${DEMO_VOLUME}`)
-  const cluster = path.relative(process.cwd(), clusterPath) || clusterPath
+  const witnessFlag = witnessAddress === defaultWitness ? '' : ` --witness ${witnessAddress}`
   process.stdout.write(
     `\nduplex demo is running (state in ${dir}). Every write reaches both nodes. Try:\n` +
       `  qemu-img info ${a}\n` +
       `  qemu-io -f raw -c 'write -P 0xab 0 1M' ${a}\n` +
       `  qemu-io -f raw -c 'read -P 0xab 0 1M' ${b}\n` +
-      `  duplex volume status --cluster ${cluster}\n` +
-      `  duplex volume promote demo --node node-b --cluster ${cluster}\n` +
+      `  duplex status${witnessFlag}\n` +
+      `  duplex volume create vm1 --size 10G${witnessFlag}\n` +
+      `  duplex volume promote demo --node node-b${witnessFlag}\n` +
       `Press Ctrl-C to stop.\n`,
   )
-  return supervise([...started, witness])
+  return supervise(started)
 }
 
-async function writeCluster(file: string, nodes: DemoNode[], witness: string): Promise<void> {
-  const config = {
-    witness,
-    nodes: nodes.map((node) => ({
+/** Domains and nodes, as an admin would add them; on a later run they exist already. */
+async function buildCatalog(admin: AdminClient, nodes: DemoNode[], dir: string): Promise<void> {
+  const commands: CatalogCommand[] = [
+    { type: 'addDomain', name: 'site-a', kind: 'data' },
+    { type: 'addDomain', name: 'site-b', kind: 'data' },
+    { type: 'addDomain', name: 'site-w', kind: 'witness' },
+    ...nodes.map((node): CatalogCommand => ({
+      type: 'addNode',
       name: node.name,
       domain: node.domain,
       replication: `127.0.0.1:${node.replicationPort}`,
     })),
-    volumes: [{ name: DEMO_VOLUME, size: '1G', replicas: ['node-a', 'node-b'], primary: 'node-a' }],
+  ]
+  for (const command of commands) {
+    try {
+      await retryUnavailable(() => admin.change(command))
+    } catch (error) {
+      if (isDuplexError(error, 'ALREADY_EXISTS')) {
+        throw new DuplexError(
+          'FAILED_PRECONDITION',
+          `${dir} holds a demo made with other settings (${errorMessage(error)}); ` +
+            `run with the same --port, or with another --dir`,
+        )
+      }
+      throw error
+    }
   }
-  await mkdir(path.dirname(file), { recursive: true })
-  await writeFile(file, JSON.stringify(config, null, 2) + '\n')
+}
+
+/** Creates the demo volume (once) and waits until both replicas serve it, in sync. */
+async function createDemoVolume(admin: AdminClient): Promise<void> {
+  // The nodes must be up (registered, heartbeating) for placement to pick them.
+  const deadline = Date.now() + READY_TIMEOUT_MS
+  for (;;) {
+    try {
+      await admin.change({
+        type: 'createVolume',
+        name: DEMO_VOLUME,
+        sizeBytes: GiB,
+        preferredDomain: 'site-a',
+      })
+      break
+    } catch (error) {
+      if (Date.now() > deadline) throw error
+      await sleep(200)
+    }
+  }
+  for (;;) {
+    const status = await admin.clusterStatus()
+    if (status.volumes.some((record) => record.volume === DEMO_VOLUME && record.inSync)) return
+    if (Date.now() > deadline) {
+      throw new DuplexError(
+        'IO_ERROR',
+        `the demo volume was not in sync on both nodes within ${READY_TIMEOUT_MS} ms`,
+      )
+    }
+    await sleep(200)
+  }
+}
+
+async function retryUnavailable<T>(work: () => Promise<T>): Promise<T> {
+  const deadline = Date.now() + READY_TIMEOUT_MS
+  for (;;) {
+    try {
+      return await work()
+    } catch (error) {
+      if (!isDuplexError(error, 'UNAVAILABLE') || Date.now() > deadline) throw error
+      await sleep(200)
+    }
+  }
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms))
 }
 
 function cliPath(): string {

@@ -8,10 +8,28 @@
 process.env.UV_THREADPOOL_SIZE ??= '16'
 
 import yargs from 'yargs'
+import type { Argv } from 'yargs'
 import { hideBin } from 'yargs/helpers'
 import { runNodeCommand } from './node-command.js'
 import { runWitnessCommand } from './witness-command.js'
 import { createVolume, deleteVolume, listVolumes } from './volume-command.js'
+import {
+  addDomain,
+  addNode,
+  clusterStatus,
+  createCatalogVolume,
+  defaultWitness,
+  deleteCatalogVolume,
+  listCatalogVolumes,
+  listDomains,
+  listNodes,
+  removeDomain,
+  removeNode,
+  resizeCatalogVolume,
+  showCatalogVolume,
+  showNode,
+} from './catalog-command.js'
+import type { ClusterSource } from './catalog-command.js'
 import { runDemo } from './demo.js'
 import {
   promoteVolume,
@@ -20,59 +38,170 @@ import {
   verifyVolume,
 } from './replication-command.js'
 import { ExitCode, reportError } from './output.js'
-import { DuplexError } from '../core/errors.js'
 import { nodeLeaseDefaults } from '../witness/lease.js'
 
 async function main(argv: string[]): Promise<number> {
   let result: Promise<number> = Promise.resolve(ExitCode.OK)
-  const run = (work: () => Promise<number | undefined>): void => {
-    result = work().then((code) => code ?? ExitCode.OK)
+  // A command resolves to its exit code, or to nothing (success).
+  const run = (work: () => Promise<unknown>): void => {
+    result = work().then((code) => (typeof code === 'number' ? code : ExitCode.OK))
   }
   await yargs(argv)
     .scriptName('duplex')
     .usage('$0 <command>\n\nSynchronous two-replica block storage served over NBD.')
-    .command(
-      'node',
-      'run a storage node daemon in the foreground',
-      (y) =>
-        y
-          .option('data-dir', {
-            type: 'string',
-            demandOption: true,
-            describe: 'node state directory',
-          })
-          .option('listen', {
-            type: 'string',
-            default: '127.0.0.1:10809',
-            describe: 'NBD HOST:PORT',
-          })
-          .option('metrics-listen', { type: 'string', describe: 'HOST:PORT for /metrics' })
-          .option('name', {
-            type: 'string',
-            default: 'node',
-            describe: 'node name in logs and metrics',
-          })
-          .option('block-size-min', {
-            type: 'number',
-            default: 1,
-            describe: 'minimum block size advertised to clients (1, 512 or 4096)',
-          })
-          .option('cluster', {
-            type: 'string',
-            describe: 'cluster file: replicate the volumes it places on this node (--name)',
-          }),
-      (a) => {
-        run(() =>
-          runNodeCommand({
-            name: a.name,
-            dataDir: a['data-dir'],
-            listen: a.listen,
-            metricsListen: a['metrics-listen'],
-            blockSizeMin: a['block-size-min'],
-            cluster: a.cluster,
-          }),
+    .command('node', 'run a storage node, or manage the nodes in the catalog', (y) =>
+      y
+        .command(
+          ['run', '$0'],
+          'run a storage node daemon in the foreground (the default)',
+          (c) =>
+            c
+              .option('data-dir', {
+                type: 'string',
+                demandOption: true,
+                describe: 'node state directory',
+              })
+              .option('listen', {
+                type: 'string',
+                default: '127.0.0.1:10809',
+                describe: 'NBD HOST:PORT',
+              })
+              .option('advertise', {
+                type: 'string',
+                describe: 'NBD HOST:PORT clients use, if not --listen (with --witness)',
+              })
+              .option('metrics-listen', { type: 'string', describe: 'HOST:PORT for /metrics' })
+              .option('name', {
+                type: 'string',
+                default: 'node',
+                describe: 'node name in the catalog, logs and metrics',
+              })
+              .option('block-size-min', {
+                type: 'number',
+                default: 1,
+                describe: 'minimum block size advertised to clients (1, 512 or 4096)',
+              })
+              .option('witness', {
+                type: 'string',
+                describe:
+                  'follow the catalog at this witness (HOST:PORT): it says what to replicate',
+              })
+              .option('cluster', {
+                type: 'string',
+                describe: 'or a static cluster file: replicate the volumes it places on this node',
+              }),
+          (a) => {
+            run(() =>
+              runNodeCommand({
+                name: a.name,
+                dataDir: a['data-dir'],
+                listen: a.listen,
+                advertise: a.advertise,
+                metricsListen: a['metrics-listen'],
+                blockSizeMin: a['block-size-min'],
+                cluster: a.cluster,
+                witness: a.witness,
+              }),
+            )
+          },
         )
-      },
+        .command(
+          'add <name>',
+          'add a storage node to the catalog (then start it with --witness)',
+          (c) =>
+            witnessOption(c)
+              .positional('name', { type: 'string', demandOption: true })
+              .option('domain', {
+                type: 'string',
+                demandOption: true,
+                describe: 'its data domain (site)',
+              })
+              .option('address', {
+                type: 'string',
+                demandOption: true,
+                describe: 'HOST:PORT its peers replicate to',
+              })
+              .option('capacity', {
+                type: 'string',
+                describe:
+                  'bytes it may hold, like 2T (default: its file system size, reported by the node)',
+              }),
+          (a) => {
+            run(() =>
+              addNode(a.witness, a.name, {
+                domain: a.domain,
+                address: a.address,
+                capacity: a.capacity,
+              }),
+            )
+          },
+        )
+        .command(
+          'list',
+          'list the nodes: domain, up or down, addresses, space',
+          (c) => outputOption(witnessOption(c)),
+          (a) => {
+            run(() => listNodes(a.witness, a.output))
+          },
+        )
+        .command(
+          'show <name>',
+          'one node in detail',
+          (c) =>
+            outputOption(witnessOption(c)).positional('name', {
+              type: 'string',
+              demandOption: true,
+            }),
+          (a) => {
+            run(() => showNode(a.witness, a.name, a.output))
+          },
+        )
+        .command(
+          'remove <name>',
+          'remove a node that holds no replicas from the catalog',
+          (c) =>
+            witnessOption(c)
+              .positional('name', { type: 'string', demandOption: true })
+              .option('yes', { type: 'boolean', default: false, describe: 'confirm' }),
+          (a) => {
+            run(() => removeNode(a.witness, a.name, a.yes))
+          },
+        ),
+    )
+    .command('domain', 'manage fault domains (sites) in the catalog', (y) =>
+      y
+        .command(
+          'add <name>',
+          'add a domain: a data site, or the witness site',
+          (c) =>
+            witnessOption(c)
+              .positional('name', { type: 'string', demandOption: true })
+              .option('kind', {
+                choices: ['data', 'witness'] as const,
+                default: 'data' as const,
+                describe: 'data: holds replicas; witness: the third site',
+              }),
+          (a) => {
+            run(() => addDomain(a.witness, a.name, a.kind))
+          },
+        )
+        .command(
+          'list',
+          'list the domains and their nodes',
+          (c) => outputOption(witnessOption(c)),
+          (a) => {
+            run(() => listDomains(a.witness, a.output))
+          },
+        )
+        .command(
+          'remove <name>',
+          'remove a domain without nodes',
+          (c) => witnessOption(c).positional('name', { type: 'string', demandOption: true }),
+          (a) => {
+            run(() => removeDomain(a.witness, a.name))
+          },
+        )
+        .demandCommand(1, 'name a domain command: add, list or remove'),
     )
     .command(
       'witness',
@@ -112,16 +241,17 @@ async function main(argv: string[]): Promise<number> {
         )
       },
     )
-    .command('volume', 'manage volumes: on a node, or replicated across the cluster', (y) =>
-      y
+    .command('volume', 'manage volumes: in the cluster catalog, or on one node (--data-dir)', (y) =>
+      witnessOption(y)
         .option('data-dir', {
           type: 'string',
-          describe: 'the node state directory (create, delete, list)',
+          describe: "one node's state directory, offline or local (create, delete, list)",
         })
         .option('cluster', {
           type: 'string',
-          default: process.env.DUPLEX_CLUSTER ?? '.duplex-demo/cluster.json',
-          describe: 'cluster file (promote, resolve, status, verify); env DUPLEX_CLUSTER',
+          default: process.env.DUPLEX_CLUSTER,
+          describe:
+            'a static cluster file instead of the catalog (promote, resolve, status, verify); env DUPLEX_CLUSTER',
         })
         .command(
           'promote <name>',
@@ -141,11 +271,7 @@ async function main(argv: string[]): Promise<number> {
                 describe: 'confirm --force after reading the warning',
               }),
           (a) => {
-            run(() =>
-              promoteVolume(a.cluster, a.name, a.node, { force: a.force, yes: a.yes }).then(
-                () => undefined,
-              ),
-            )
+            run(() => promoteVolume(source(a), a.name, a.node, { force: a.force, yes: a.yes }))
           },
         )
         .command(
@@ -161,7 +287,7 @@ async function main(argv: string[]): Promise<number> {
               })
               .option('yes', { type: 'boolean', default: false, describe: 'confirm' }),
           (a) => {
-            run(() => resolveVolume(a.cluster, a.name, a.keep, a.yes).then(() => undefined))
+            run(() => resolveVolume(source(a), a.name, a.keep, a.yes).then(() => undefined))
           },
         )
         .command(
@@ -170,7 +296,7 @@ async function main(argv: string[]): Promise<number> {
           (c) =>
             c.option('output', { choices: ['table', 'json'] as const, default: 'table' as const }),
           (a) => {
-            run(() => replicationStatus(a.cluster, a.output).then(() => undefined))
+            run(() => replicationStatus(source(a), a.output).then(() => undefined))
           },
         )
         .command(
@@ -186,18 +312,65 @@ async function main(argv: string[]): Promise<number> {
               })
               .option('output', { choices: ['table', 'json'] as const, default: 'table' as const }),
           (a) => {
-            run(() => verifyVolume(a.cluster, a.name, { repair: a.repair, output: a.output }))
+            run(() => verifyVolume(source(a), a.name, { repair: a.repair, output: a.output }))
           },
         )
         .command(
           'create <name>',
-          'create a volume',
+          'create a volume: two replicas in two sites, placed by the witness',
           (c) =>
             c
               .positional('name', { type: 'string', demandOption: true })
-              .option('size', { type: 'string', demandOption: true, describe: 'e.g. 50G, 512M' }),
+              .option('size', { type: 'string', demandOption: true, describe: 'e.g. 50G, 512M' })
+              .option('preferred-domain', {
+                type: 'string',
+                describe: 'the site where its primary should run',
+              })
+              .option('on-lost-quorum', {
+                choices: ['error', 'suspend'] as const,
+                default: 'error' as const,
+                describe: 'I/O while no site may serve it: fail with EIO, or hold it',
+              })
+              .option('resync-rate', {
+                type: 'string',
+                describe: 'bytes per second a resync may copy, like 100M (default: no limit)',
+              })
+              .option('follow-the-writer', {
+                type: 'boolean',
+                default: false,
+                describe: 'move the primary to the site that writes most',
+              }),
           (a) => {
-            run(() => createVolume(dataDir(a), a.name, a.size).then(() => undefined))
+            run(() =>
+              a['data-dir'] !== undefined
+                ? createVolume(a['data-dir'], a.name, a.size)
+                : createCatalogVolume(a.witness, a.name, {
+                    size: a.size,
+                    preferredDomain: a['preferred-domain'],
+                    onLostQuorum: a['on-lost-quorum'],
+                    resyncRate: a['resync-rate'],
+                    followTheWriter: a['follow-the-writer'],
+                  }),
+            )
+          },
+        )
+        .command(
+          'show <name>',
+          "a volume's replicas, primary, epoch and sync state",
+          (c) => outputOption(c).positional('name', { type: 'string', demandOption: true }),
+          (a) => {
+            run(() => showCatalogVolume(a.witness, a.name, a.output))
+          },
+        )
+        .command(
+          'resize <name>',
+          'grow a volume (both replicas)',
+          (c) =>
+            c
+              .positional('name', { type: 'string', demandOption: true })
+              .option('size', { type: 'string', demandOption: true, describe: 'the new size' }),
+          (a) => {
+            run(() => resizeCatalogVolume(a.witness, a.name, a.size))
           },
         )
         .command(
@@ -208,7 +381,11 @@ async function main(argv: string[]): Promise<number> {
               .positional('name', { type: 'string', demandOption: true })
               .option('yes', { type: 'boolean', default: false, describe: 'confirm deletion' }),
           (a) => {
-            run(() => deleteVolume(dataDir(a), a.name, a.yes).then(() => undefined))
+            run(() =>
+              a['data-dir'] !== undefined
+                ? deleteVolume(a['data-dir'], a.name, a.yes)
+                : deleteCatalogVolume(a.witness, a.name, a.yes),
+            )
           },
         )
         .command(
@@ -217,13 +394,25 @@ async function main(argv: string[]): Promise<number> {
           (c) =>
             c.option('output', { choices: ['table', 'json'] as const, default: 'table' as const }),
           (a) => {
-            run(() => listVolumes(dataDir(a), a.output).then(() => undefined))
+            run(() =>
+              a['data-dir'] !== undefined
+                ? listVolumes(a['data-dir'], a.output)
+                : listCatalogVolumes(a.witness, a.output),
+            )
           },
         )
         .demandCommand(
           1,
-          'name a volume command: create, delete, list, promote, resolve, status or verify',
+          'name a volume command: create, list, show, resize, delete, promote, resolve, status or verify',
         ),
+    )
+    .command(
+      'status',
+      'the health of the whole cluster: what needs attention first, nodes, volumes',
+      (y) => outputOption(witnessOption(y)),
+      (a) => {
+        run(() => clusterStatus(a.witness, a.output))
+      },
     )
     .command(
       'demo',
@@ -250,13 +439,26 @@ async function main(argv: string[]): Promise<number> {
   return result
 }
 
-/** --data-dir, which the node-local volume commands need. */
-function dataDir(args: { 'data-dir'?: string | undefined }): string {
-  const dir = args['data-dir']
-  if (dir === undefined) {
-    throw new DuplexError('INVALID_ARGUMENT', 'this volume command needs --data-dir DIR')
-  }
-  return dir
+/** --witness: the witness's Admin service, for every catalog command. */
+function witnessOption<T>(y: Argv<T>) {
+  return y.option('witness', {
+    type: 'string',
+    default: process.env.DUPLEX_WITNESS ?? defaultWitness,
+    describe: "the witness's HOST:PORT (env DUPLEX_WITNESS; default: a local demo's)",
+  })
+}
+
+function outputOption<T>(y: Argv<T>) {
+  return y.option('output', {
+    choices: ['table', 'json'] as const,
+    default: 'table' as const,
+    describe: 'table for people, json for scripts',
+  })
+}
+
+/** Where the replication commands find the cluster: --cluster FILE, else the catalog. */
+function source(args: { witness: string; cluster?: string | undefined }): ClusterSource {
+  return { witness: args.witness, clusterFile: args.cluster }
 }
 
 main(hideBin(process.argv)).then(

@@ -1,12 +1,14 @@
 /**
- * `duplex volume promote` and `duplex volume status`: replication commands that talk to the nodes
- * named in the cluster file over their Peer service (the witness's admin API replaces the file
- * in a later issue).
+ * `duplex volume promote|resolve|verify` and `duplex volume status`: replication commands that
+ * talk to a volume's nodes over their Peer service, found in the witness's catalog (or in a
+ * cluster file with --cluster).
  */
 import { DuplexError, errorMessage } from '../core/errors.js'
 import { formatEpoch } from '../core/epochs.js'
 import { formatSize } from '../core/units.js'
-import { findNode, readClusterConfig } from '../daemon/cluster-config.js'
+import { findNode } from '../daemon/cluster-config.js'
+import { loadCluster } from './catalog-command.js'
+import type { ClusterSource } from './catalog-command.js'
 import type { ClusterConfig, ClusterNode } from '../daemon/cluster-config.js'
 import { PeerControlClient } from '../replica/peer-control.js'
 import type { DescribeReply } from '../replica/peer-control.js'
@@ -20,7 +22,7 @@ function clientOf(node: ClusterNode): PeerControlClient {
 function volumeOf(config: ClusterConfig, name: string): ClusterConfig['volumes'][number] {
   const volume = config.volumes.find((v) => v.name === name)
   if (volume === undefined) {
-    throw new DuplexError('VOLUME_NOT_FOUND', `the cluster file places no volume named ${name}`)
+    throw new DuplexError('VOLUME_NOT_FOUND', `the cluster has no volume named ${name}`)
   }
   return volume
 }
@@ -40,12 +42,12 @@ export function forceWarning(volume: string, node: string, other: string): strin
 
 /** Moves the primary role of `volume` to `nodeName` without stopping I/O (or forces it). */
 export async function promoteVolume(
-  clusterPath: string,
+  source: ClusterSource,
   volumeName: string,
   nodeName: string,
   options: { force: boolean; yes: boolean } = { force: false, yes: false },
 ): Promise<void> {
-  const config = await readClusterConfig(clusterPath)
+  const config = await loadCluster(source)
   const volume = volumeOf(config, volumeName)
   const node = findNode(config, nodeName)
   if (node === undefined || !volume.replicas.includes(nodeName)) {
@@ -78,12 +80,12 @@ export async function promoteVolume(
 
 /** After a split brain: keep `keep`'s replica; the other one is discarded and refilled. */
 export async function resolveVolume(
-  clusterPath: string,
+  source: ClusterSource,
   volumeName: string,
   keep: string,
   yes: boolean,
 ): Promise<void> {
-  const config = await readClusterConfig(clusterPath)
+  const config = await loadCluster(source)
   const volume = volumeOf(config, volumeName)
   if (!volume.replicas.includes(keep)) {
     throw new DuplexError(
@@ -94,7 +96,7 @@ export async function resolveVolume(
   const discard = volume.replicas.find((name) => name !== keep) ?? ''
   const node = findNode(config, discard)
   if (node === undefined)
-    throw new DuplexError('INVALID_ARGUMENT', `${discard} is not in the cluster file`)
+    throw new DuplexError('INVALID_ARGUMENT', `${discard} is not in the cluster`)
   process.stderr.write(
     `${volumeName}: keeping ${keep}'s replica. ${discard}'s replica is discarded: the writes it ` +
       `acknowledged alone since the split are lost, and it is refilled from ${keep} (a full sync).\n`,
@@ -122,10 +124,10 @@ interface ReplicaRow {
 
 /** Every replica of every volume in the cluster file, as its node describes it. */
 export async function replicationStatus(
-  clusterPath: string,
+  source: ClusterSource,
   output: 'table' | 'json',
 ): Promise<void> {
-  const config = await readClusterConfig(clusterPath)
+  const config = await loadCluster(source)
   const rows: ReplicaRow[] = []
   for (const volume of config.volumes) {
     for (const nodeName of volume.replicas) {
@@ -203,16 +205,16 @@ export interface VerifyResult {
  * secondary again (ordered against client writes), and they are compared once more.
  */
 export async function verifyVolume(
-  clusterPath: string,
+  source: ClusterSource,
   volumeName: string,
   options: { repair: boolean; output: 'table' | 'json' },
 ): Promise<number> {
-  const config = await readClusterConfig(clusterPath)
+  const config = await loadCluster(source)
   const volume = volumeOf(config, volumeName)
   const nodes = volume.replicas.map((name) => {
     const node = findNode(config, name)
     if (node === undefined)
-      throw new DuplexError('INVALID_ARGUMENT', `node ${name} is not in the cluster file`)
+      throw new DuplexError('INVALID_ARGUMENT', `node ${name} is not in the cluster`)
     return node
   })
   const clients = nodes.map(clientOf)
