@@ -16,6 +16,7 @@ import {
   spawnDaemon,
   startWitness,
   tempDir,
+  until,
 } from '../lib/node-process.js'
 import type { DaemonProcess, RunResult } from '../lib/node-process.js'
 
@@ -37,20 +38,6 @@ interface VolumeRow {
   inSync?: boolean
   nbd: string[]
   replicas: { node: string; domain: string; state: string }[]
-}
-
-async function until<T>(
-  what: string,
-  probe: () => Promise<T | undefined>,
-  timeoutMs = 30_000,
-): Promise<T> {
-  const deadline = Date.now() + timeoutMs
-  for (;;) {
-    const value = await probe()
-    if (value !== undefined) return value
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`)
-    await new Promise((resolve) => setTimeout(resolve, 250))
-  }
 }
 
 t.test('a stretched cluster built with the CLI alone', { skip: skip ?? false }, async (t) => {

@@ -22,7 +22,7 @@ import { startPair } from '../lib/cluster.js'
 import type { Pair } from '../lib/cluster.js'
 import { Cmd } from '../../src/nbd/protocol.js'
 import { NbdClient } from '../lib/nbd-client.js'
-import { duplex, missingTools, run } from '../lib/node-process.js'
+import { duplex, missingTools, run, until } from '../lib/node-process.js'
 import { SteadyWriter } from '../lib/steady-writer.js'
 
 const degradedMetric = /duplex_replica_degraded\{[^}]*volume="vol"[^}]*\} (\d+)/
@@ -31,20 +31,6 @@ async function metric(port: number | undefined, pattern: RegExp): Promise<number
   const text = await fetch(`http://127.0.0.1:${port ?? 0}/metrics`).then((r) => r.text())
   const match = pattern.exec(text)
   return match?.[1] === undefined ? undefined : Number(match[1])
-}
-
-async function until<T>(
-  what: string,
-  probe: () => Promise<T | undefined>,
-  timeoutMs = 30_000,
-): Promise<T> {
-  const deadline = Date.now() + timeoutMs
-  for (;;) {
-    const value = await probe().catch(() => undefined)
-    if (value !== undefined) return value
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`)
-    await new Promise((resolve) => setTimeout(resolve, 200))
-  }
 }
 
 async function identical(pair: Pair): Promise<boolean> {
