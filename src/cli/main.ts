@@ -31,6 +31,7 @@ import {
 } from './catalog-command.js'
 import type { ClusterSource } from './catalog-command.js'
 import { runDemo } from './demo.js'
+import { readDaemonConfig } from './daemon-config.js'
 import {
   promoteVolume,
   replicationStatus,
@@ -89,7 +90,19 @@ async function main(argv: string[]): Promise<number> {
               .option('cluster', {
                 type: 'string',
                 describe: 'or a static cluster file: replicate the volumes it places on this node',
-              }),
+              })
+              .config('config', 'a JSON file of these options (the command line wins)', (file) =>
+                readDaemonConfig(file, {
+                  'data-dir': 'string',
+                  listen: 'string',
+                  advertise: 'string',
+                  'metrics-listen': 'string',
+                  name: 'string',
+                  'block-size-min': 'number',
+                  witness: 'string',
+                  cluster: 'string',
+                }),
+              ),
           (a) => {
             run(() =>
               runNodeCommand({
@@ -215,7 +228,7 @@ async function main(argv: string[]): Promise<number> {
           })
           .option('listen', {
             type: 'string',
-            default: '127.0.0.1:10900',
+            default: defaultWitness,
             describe: 'gRPC HOST:PORT for nodes and admins',
           })
           .option('metrics-listen', { type: 'string', describe: 'HOST:PORT for /metrics' })
@@ -228,7 +241,16 @@ async function main(argv: string[]): Promise<number> {
             type: 'number',
             default: nodeLeaseDefaults.leaseMs,
             describe: 'node lease length; nodes learn it from the witness',
-          }),
+          })
+          .config('config', 'a JSON file of these options (the command line wins)', (file) =>
+            readDaemonConfig(file, {
+              'data-dir': 'string',
+              listen: 'string',
+              'metrics-listen': 'string',
+              name: 'string',
+              'lease-ms': 'number',
+            }),
+          ),
       (a) => {
         run(() =>
           runWitnessCommand({
@@ -430,8 +452,11 @@ async function main(argv: string[]): Promise<number> {
     .completion('completion', 'print a shell completion script')
     .fail((message: string | undefined, error: Error | undefined) => {
       // yargs passes the handler's own error here too; only usage mistakes are ours to report.
-      if (error !== undefined) throw error
-      process.stderr.write(`duplex: ${message}\nRun 'duplex --help' for usage.\n`)
+      // A config file it could not take (a YError wrapping ours) is a usage mistake too.
+      if (error !== undefined && error.name !== 'YError') throw error
+      process.stderr.write(
+        `duplex: ${message ?? error?.message ?? ''}\nRun 'duplex --help' for usage.\n`,
+      )
       process.exit(ExitCode.USAGE)
     })
     .help()

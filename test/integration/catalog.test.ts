@@ -8,6 +8,7 @@
 import t from 'tap'
 import type { Test } from 'tap'
 import fs from 'node:fs/promises'
+import path from 'node:path'
 import {
   duplex,
   freePorts,
@@ -122,12 +123,20 @@ t.test('a stretched cluster built with the CLI alone', { skip: skip ?? false }, 
   for (const node of nodes) {
     const dir = await tempDir(`duplex-${node.name}-`)
     dirs.push(dir)
-    running.push(
-      await spawnDaemon(node.name, [
-        ...['node', '--name', node.name, '--data-dir', dir, '--listen', '127.0.0.1:0'],
-        ...['--witness', witness.address],
-      ]),
+    // One node reads its settings from a config file, as a systemd unit would give it.
+    const config = path.join(dir, 'node.json')
+    await fs.writeFile(
+      config,
+      JSON.stringify({ name: node.name, 'data-dir': dir, witness: witness.address }),
     )
+    const args =
+      node.name === 'node-b1'
+        ? ['node', '--config', config, '--listen', '127.0.0.1:0']
+        : [
+            ...['node', '--name', node.name, '--data-dir', dir, '--listen', '127.0.0.1:0'],
+            ...['--witness', witness.address],
+          ]
+    running.push(await spawnDaemon(node.name, args))
   }
   const listed = await until('three nodes up', async () => {
     const rows = await json<NodeRow[]>('node', 'list')
