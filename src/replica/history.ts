@@ -87,8 +87,13 @@ export function describeFork(fork: Fork): string {
 }
 
 /**
- * `next` as a replica persists it after `current`: entering a newer generation appends it (with
- * its owner, and whether an admin forced it) to the history the record carries on.
+ * `next` as a replica persists it after `current`. A generation enters the history (with its
+ * owner, and whether an admin forced it) once the replica holds its data: when it is UpToDate
+ * in it. A replica that only learned of a generation (Outdated: the owner wrote without it, or
+ * Inconsistent) lists it after its resync, not before: otherwise a forced promotion from that
+ * Outdated replica would look like a descendant of the generation whose writes it lacks, and
+ * the fork with the owner's replica would go unnoticed (a resync would silently drop the
+ * owner's writes).
  */
 export function recordWithHistory(
   current: ReplicaRecord,
@@ -96,7 +101,9 @@ export function recordWithHistory(
   forced = false,
 ): ReplicaRecord {
   let history = next.history ?? current.history ?? []
-  if (next.epoch > 0 && generationOf(next.epoch) > generationOf(current.epoch)) {
+  const generation = generationOf(next.epoch)
+  const newest = history.at(-1)?.generation ?? -1
+  if (next.epoch > 0 && next.state === 'UpToDate' && generation > newest) {
     history = appendGeneration(history, {
       generation: generationOf(next.epoch),
       owner: next.primary,

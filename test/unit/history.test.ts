@@ -1,6 +1,12 @@
 /** Generation histories (src/replica/history.ts): appending, bounding, and fork detection. */
 import t from 'tap'
-import { appendGeneration, describeFork, findFork } from '../../src/replica/history.js'
+import {
+  appendGeneration,
+  describeFork,
+  findFork,
+  recordWithHistory,
+} from '../../src/replica/history.js'
+import { termsPerGeneration as G } from '../../src/core/epochs.js'
 import { generationHistoryMax } from '../../src/replica/store.js'
 
 const entry = (generation: number, owner: string, forced = false) => ({ generation, owner, forced })
@@ -51,4 +57,21 @@ t.test('bounded histories compare only what both still hold', async (t) => {
   t.equal(findFork([entry(1, 'a'), entry(5, 'b')], long), undefined, 'far behind, no fork')
   t.equal(findFork(long, [...long, entry(52, 'a')]), undefined)
   t.same(findFork([...long.slice(1), entry(52, 'b')], [...long, entry(53, 'a')])?.common, 51)
+})
+
+t.test('a generation enters the history once the replica holds its data', async (t) => {
+  const start = { epoch: 1, primary: 'a', state: 'UpToDate' as const, history: [entry(0, 'a')] }
+  // b's view: node-a ran alone in generation 1 (b learned it, Outdated), then an admin forced b.
+  const learned = recordWithHistory(start, { epoch: G, primary: 'a', state: 'Outdated' })
+  t.same(learned.history, [entry(0, 'a')], 'learning generation 1 while Outdated adds nothing')
+  const forced = recordWithHistory(learned, { epoch: 2 * G, primary: 'b', state: 'UpToDate' }, true)
+  t.same(forced.history, [entry(0, 'a'), entry(2, 'b', true)])
+  // node-a's own history went on in generation 1: a fork, not a resync that drops a's writes.
+  const ownerA = recordWithHistory(start, { epoch: G, primary: 'a', state: 'UpToDate' })
+  t.same(ownerA.history, [entry(0, 'a'), entry(1, 'a')])
+  t.same(findFork(ownerA.history ?? [], forced.history ?? [])?.common, 0)
+  // A sync target lists the generation once its resync made it UpToDate in it.
+  const synced = recordWithHistory(learned, { ...learned, state: 'UpToDate' })
+  t.same(synced.history, [entry(0, 'a'), entry(1, 'a')])
+  t.equal(findFork(synced.history ?? [], ownerA.history ?? []), undefined)
 })
