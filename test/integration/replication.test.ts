@@ -446,8 +446,15 @@ t.test(
     // A VM "migrated" to site-b: all writes now come through node-b and are forwarded to node-a.
     const started = Date.now()
     let moved = false
+    // 4 MiB per qemu-io run: over the 2 MiB floor within one 2 s window even when a loaded CI
+    // machine takes seconds to start each qemu-io.
     for (let i = 0; i < 40 && !moved; i++) {
-      const w = await qemuIo(pair.b.uri('vol'), [`write -P 0x${(0x30 + i).toString(16)} ${i}M 1M`])
+      const pattern = (0x30 + i).toString(16)
+      const at = (i % 14) * 4
+      const w = await qemuIo(
+        pair.b.uri('vol'),
+        [0, 1, 2, 3].map((k) => `write -P 0x${pattern} ${at + k}M 1M`),
+      )
       t.equal(w.code, 0, `write ${i} through node-b: ${detail(w)}`)
       moved = (await pair.status()).find((row) => row.node === 'node-b')?.role === 'primary'
     }
