@@ -87,6 +87,8 @@ export type Mutation =
   | 'none'
   /** Degraded writes are not marked in the dirty bitmap (the resync misses them). */
   | 'noDirty'
+  /** A secondary serves reads without a valid peer lease (the primary may run alone). */
+  | 'readsWithoutLease'
 
 export interface FailoverSimConfig {
   seed: number
@@ -1757,7 +1759,8 @@ export class FailoverSim {
           : role.type === 'secondary' &&
             node.record.state === 'UpToDate' &&
             role.syncedEpoch === node.record.epoch &&
-            node.failover.peerLeaseValid(this.local(node))
+            (node.failover.peerLeaseValid(this.local(node)) ||
+              this.config.mutation === 'readsWithoutLease')
       if (!local) {
         this.forward(node, op)
         return

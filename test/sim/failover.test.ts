@@ -50,7 +50,7 @@ t.test(
   },
 )
 
-for (const mutation of ['noDirty'] as const) {
+for (const mutation of ['noDirty', 'readsWithoutLease'] as const) {
   t.test(`negative control: ${mutation} is caught`, async (t) => {
     // A seed that passes as shipped and fails with the mutation: the checks see the bug.
     let caught: string | undefined
