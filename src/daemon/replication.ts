@@ -40,6 +40,9 @@ interface Peer {
   control: PeerControlClient
 }
 
+/** How often a node retries deleting a removed replica that clients still hold open. */
+const retireRetryMs = 5000
+
 export class Replication implements ExportRegistry {
   private readonly controllers = new Map<string, ReplicaController>()
   private readonly peers = new Map<string, Peer>()
@@ -89,6 +92,8 @@ export class Replication implements ExportRegistry {
   /** Volumes removed from this node whose replica is still to be deleted (clients attached). */
   private readonly retiring = new Set<string>()
   private reconciling: Promise<void> = Promise.resolve()
+  private retireTimer: NodeJS.Timeout | undefined
+  private closing = false
 
   private addController(volume: ClusterVolume, peer: ClusterNode): void {
     const { options } = this
@@ -190,6 +195,14 @@ export class Replication implements ExportRegistry {
         log.warn('replica not deleted yet', { volume: name, error: errorMessage(error) })
       }
     }
+    // Clients still attached: try again later (and then add a volume created again meanwhile).
+    if (this.retiring.size > 0 && !this.closing && this.retireTimer === undefined) {
+      this.retireTimer = setTimeout(() => {
+        this.retireTimer = undefined
+        void this.reconcile(this.config)
+      }, retireRetryMs)
+      this.retireTimer.unref()
+    }
   }
 
   /** Volumes removed from this node whose data is not deleted yet (clients still attached). */
@@ -260,6 +273,8 @@ export class Replication implements ExportRegistry {
 
   /** Stops every controller (pending requests fail), says Goodbye on every stream. */
   async close(): Promise<void> {
+    this.closing = true
+    clearTimeout(this.retireTimer)
     await this.reconciling
     const results = await Promise.allSettled(
       [...this.controllers.values()].map((controller) => controller.close()),

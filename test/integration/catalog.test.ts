@@ -20,6 +20,7 @@ import {
   until,
 } from '../lib/node-process.js'
 import type { DaemonProcess, RunResult } from '../lib/node-process.js'
+import { NbdClient } from '../lib/nbd-client.js'
 
 const skip = await missingTools(['qemu-io'])
 
@@ -194,14 +195,23 @@ t.test('a stretched cluster built with the CLI alone', { skip: skip ?? false }, 
   const vol2 = volumes.find((row) => row.name === 'vol2')
   const holders = vol2?.replicas.map((replica) => replica.node) ?? []
   await refused(t, 2, /run again with --yes/, 'volume', 'delete', 'vol2')
+  // A client still attached on one holder: that node keeps the data until it lets go.
+  const held = (await json<NodeRow[]>('node', 'list')).find((row) => row.name === holders[0])
+  const attached = await NbdClient.open(Number(held?.nbd.split(':')[1]), 'vol2')
   await ok(t, 'volume', 'delete', 'vol2', '--yes')
+  const heldDir = dirs[nodes.findIndex((node) => node.name === holders[0])] ?? ''
+  const localNames = async (dir: string): Promise<string[]> => {
+    const local = await duplex(['volume', 'list', '--data-dir', dir, '--output', 'json'])
+    return (JSON.parse(local.stdout) as { name: string }[]).map((v) => v.name)
+  }
+  await new Promise((resolve) => setTimeout(resolve, 1500))
+  t.ok((await localNames(heldDir)).includes('vol2'), 'not deleted under an attached client')
+  attached.destroy()
   for (const holder of holders) {
     const dir = dirs[nodes.findIndex((node) => node.name === holder)] ?? ''
-    await until(`vol2 gone from ${holder}`, async () => {
-      const local = await duplex(['volume', 'list', '--data-dir', dir, '--output', 'json'])
-      const names = (JSON.parse(local.stdout) as { name: string }[]).map((v) => v.name)
-      return names.includes('vol2') ? undefined : true
-    })
+    await until(`vol2 gone from ${holder}`, async () =>
+      (await localNames(dir)).includes('vol2') ? undefined : true,
+    )
     t.pass(`${holder} deleted its replica of vol2`)
   }
   await refused(t, 3, /there is no volume vol2/, 'volume', 'delete', 'vol2', '--yes')
