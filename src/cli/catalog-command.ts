@@ -220,6 +220,7 @@ export async function createCatalogVolume(
     onLostQuorum: OnLostQuorum
     resyncRate?: string | undefined
     followTheWriter: boolean
+    wait?: boolean | undefined
   },
 ): Promise<void> {
   const catalog = await change(witness, {
@@ -243,6 +244,45 @@ export async function createCatalogVolume(
   const primary = catalog.nodes.find((each) => each.name === volume?.primary)
   if (primary !== undefined && primary.nbd !== '') {
     process.stdout.write(`Serve it from nbd://${primary.nbd}/${name}\n`)
+  }
+  if (options.wait === true) await waitInSync(witness, name)
+}
+
+/** How long `--wait` waits for a volume to be in sync before it gives up (exit code 4). */
+const waitTimeoutMs = 24 * 3600 * 1000
+
+/**
+ * `--wait`: until the witness records both replicas in sync, with the sync's progress on
+ * stderr (a bar redrawn in place on a terminal, a line every 10 s otherwise).
+ */
+async function waitInSync(witness: string, name: string): Promise<void> {
+  const started = Date.now()
+  const tty = process.stderr.isTTY
+  let lastLine = 0
+  for (;;) {
+    const status = await withAdmin(witness, (admin) => admin.clusterStatus())
+    const [view] = await volumeViews(status, name)
+    if (view === undefined) throw new DuplexError('VOLUME_NOT_FOUND', `volume ${name} is gone`)
+    const seconds = Math.round((Date.now() - started) / 1000)
+    if (view.inSync === true && progressOf(view) === undefined) {
+      if (tty) process.stderr.write('\n')
+      process.stdout.write(`${name}: both replicas in sync after ${seconds} s\n`)
+      return
+    }
+    const sync = view.replicas.find((replica) => replica.sync !== undefined)?.sync
+    const line = `${name}: ${syncOf(view)}, ${seconds} s`
+    if (tty) {
+      const width = 30
+      const filled = sync === undefined ? 0 : Math.floor((sync.doneBytes / sync.totalBytes) * width)
+      process.stderr.write(`\r[${'#'.repeat(filled)}${'.'.repeat(width - filled)}] ${line}   `)
+    } else if (Date.now() - lastLine >= 10_000) {
+      process.stderr.write(`${line}\n`)
+      lastLine = Date.now()
+    }
+    if (Date.now() - started > waitTimeoutMs) {
+      throw new DuplexError('UNAVAILABLE', `${name} was not in sync after ${seconds} s`)
+    }
+    await new Promise((resolve) => setTimeout(resolve, 500))
   }
 }
 
@@ -278,6 +318,8 @@ interface ReplicaView {
   epoch: number | undefined
   /** Ran alone: its peer lacks writes until a resync. */
   dirty: boolean
+  /** On a primary copying to its peer: bytes copied and to copy. */
+  sync: { doneBytes: number; totalBytes: number } | undefined
   error: string | undefined
 }
 
@@ -308,6 +350,7 @@ async function describeReplicas(
         state: 'unreachable',
         epoch: undefined,
         dirty: false,
+        sync: undefined,
         error: undefined,
       }
       if (node === undefined) return view
@@ -317,6 +360,9 @@ async function describeReplicas(
         view.state = reply.exists ? reply.state : 'missing'
         view.epoch = reply.epoch
         view.dirty = reply.dirty
+        if (reply.syncBytesTotal > 0) {
+          view.sync = { doneBytes: reply.syncBytesDone, totalBytes: reply.syncBytesTotal }
+        }
         view.role = reply.epoch === 0 ? 'unknown' : reply.primary === name ? 'primary' : 'secondary'
       } catch (error) {
         view.error = errorMessage(error)
@@ -353,7 +399,17 @@ async function volumeViews(status: ClusterStatus, only?: string): Promise<Volume
   )
 }
 
+/** A running sync or resync, as "resyncing 42% (430.0 MiB of 1.0 GiB)". */
+function progressOf(view: VolumeView): string | undefined {
+  const sync = view.replicas.find((replica) => replica.sync !== undefined)?.sync
+  if (sync === undefined) return undefined
+  const percent = Math.floor((sync.doneBytes / sync.totalBytes) * 100)
+  return `resyncing ${percent}% (${formatSize(sync.doneBytes)} of ${formatSize(sync.totalBytes)})`
+}
+
 function syncOf(view: VolumeView): string {
+  const progress = progressOf(view)
+  if (progress !== undefined) return progress
   if (view.inSync === undefined) return 'not started'
   if (view.inSync) return 'in sync'
   const behind = view.replicas.find((replica) => replica.node !== view.owner)

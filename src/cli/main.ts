@@ -361,6 +361,11 @@ async function main(argv: string[]): Promise<number> {
                 type: 'boolean',
                 default: false,
                 describe: 'move the primary to the site that writes most',
+              })
+              .option('wait', {
+                type: 'boolean',
+                default: false,
+                describe: 'wait until both replicas are in sync, showing the progress',
               }),
           (a) => {
             run(() =>
@@ -372,6 +377,7 @@ async function main(argv: string[]): Promise<number> {
                     onLostQuorum: a['on-lost-quorum'],
                     resyncRate: a['resync-rate'],
                     followTheWriter: a['follow-the-writer'],
+                    wait: a.wait,
                   }),
             )
           },

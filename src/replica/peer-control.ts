@@ -122,6 +122,9 @@ export interface DescribeReply {
   bootId: string
   /** The generations the replica entered (history.ts). */
   history: GenerationEntry[]
+  /** A primary's sync or resync to its peer: bytes copied and to copy (0 and 0: none runs). */
+  syncBytesDone: number
+  syncBytesTotal: number
 }
 
 /** How `describe` reads a volume the peer does not hold. */
@@ -136,6 +139,8 @@ export const absentReplica: Readonly<DescribeReply> = Object.freeze({
   dirty: false,
   bootId: '',
   history: [],
+  syncBytesDone: 0,
+  syncBytesTotal: 0,
 })
 
 export type ForwardKind = 'read' | 'write' | 'trim' | 'zero' | 'flush'
@@ -267,6 +272,9 @@ function describeReplyProblem(reply: DescribeReply): Problem {
     nameProblem(reply.primary, 'primary', false),
     uintProblem(reply.sizeBytes, 'sizeBytes'),
     uintProblem(reply.extentBytes, 'extentBytes'),
+    uintProblem(reply.syncBytesDone, 'syncBytesDone'),
+    uintProblem(reply.syncBytesTotal, 'syncBytesTotal'),
+    reply.syncBytesDone > reply.syncBytesTotal ? 'syncBytesDone over syncBytesTotal' : undefined,
     textProblem(reply.bootId, 'bootId', 64, false),
     reply.history.length > generationHistoryMax ? 'history too long' : undefined,
     ...reply.history.map((entry) =>
@@ -358,6 +366,8 @@ const describeRpc = rpc<{ volume: string }, DescribeReply>('Describe', {
       dirty: reply.dirty,
       bootId: reply.bootId,
       history: reply.history,
+      syncBytesDone: reply.syncBytesDone,
+      syncBytesTotal: reply.syncBytesTotal,
     }
   },
   readReply: (message) => {
@@ -376,6 +386,8 @@ const describeRpc = rpc<{ volume: string }, DescribeReply>('Describe', {
         owner: readName(entry, 'owner'),
         forced: readBool(entry, 'forced'),
       })),
+      syncBytesDone: readU64(message, 'syncBytesDone'),
+      syncBytesTotal: readU64(message, 'syncBytesTotal'),
     }
     if (reply.exists) {
       failOn(describeReplyProblem({ ...reply, state: 'Inconsistent' }))
@@ -389,7 +401,8 @@ const describeRpc = rpc<{ volume: string }, DescribeReply>('Describe', {
       reply.extentBytes === 0 &&
       !reply.dirty &&
       reply.bootId === '' &&
-      reply.history.length === 0
+      reply.history.length === 0 &&
+      reply.syncBytesTotal === 0
     if (!unset || reply.state !== undefined) fail('fields set for a volume that does not exist')
     return { ...reply, state: 'Inconsistent' }
   },

@@ -378,6 +378,12 @@ export class ReplicaController implements BlockDevice {
       dirty: (this.role.type === 'primary' && this.role.degraded) || !this.dirty.isEmpty,
       bootId,
       history: this.record.history ?? [],
+      ...(this.role.type === 'primary' && this.peerState === 'syncing'
+        ? {
+            syncBytesDone: Math.min(this.syncBytesDone, this.syncBytesTotal),
+            syncBytesTotal: this.syncBytesTotal,
+          }
+        : { syncBytesDone: 0, syncBytesTotal: 0 }),
     }
   }
 

@@ -153,8 +153,18 @@ t.test('a stretched cluster built with the CLI alone', { skip: skip ?? false }, 
 
   // Volumes: placed in two sites, served, shown.
   t.match(
-    await ok(t, 'volume', 'create', 'vol1', '--size', '64M', '--preferred-domain', 'site-b'),
-    /volume vol1 \(64\.0 MiB\) on node-b1 \(site-b\) and node-a\d \(site-a\), primary node-b1/,
+    await ok(
+      t,
+      'volume',
+      'create',
+      'vol1',
+      '--size',
+      '64M',
+      '--preferred-domain',
+      'site-b',
+      '--wait',
+    ),
+    /volume vol1 \(64\.0 MiB\) on node-b1 \(site-b\) and node-a\d \(site-a\), primary node-b1[^]*vol1: both replicas in sync after \d+ s/,
   )
   await ok(t, 'volume', 'create', 'vol2', '--size', '32M', '--on-lost-quorum', 'suspend')
   await refused(

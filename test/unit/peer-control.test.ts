@@ -91,6 +91,8 @@ class FakeNode implements PeerControlHandlers {
         dirty: true,
         bootId: 'b',
         history: [{ generation: 1, owner: 'x', forced: false }],
+        syncBytesDone: 1,
+        syncBytesTotal: 2,
       }
     }
     return {
@@ -107,6 +109,8 @@ class FakeNode implements PeerControlHandlers {
         { generation: 3, owner: 'site-a', forced: false },
         { generation: 4, owner: 'site-b', forced: true },
       ],
+      syncBytesDone: 2 ** 40,
+      syncBytesTotal: 2 ** 50,
     }
   }
 
@@ -242,6 +246,8 @@ void t.test('every call round-trips its fields', async (t) => {
       { generation: 3, owner: 'site-a', forced: false },
       { generation: 4, owner: 'site-b', forced: true },
     ],
+    syncBytesDone: 2 ** 40,
+    syncBytesTotal: 2 ** 50,
   })
   t.same(
     await client.describe('missing'),
@@ -256,6 +262,8 @@ void t.test('every call round-trips its fields', async (t) => {
       dirty: false,
       bootId: '',
       history: [],
+      syncBytesDone: 0,
+      syncBytesTotal: 0,
     },
     'a volume the peer does not hold: the other fields are not sent',
   )
