@@ -19,6 +19,7 @@ import { spawn } from 'node:child_process'
 import type { ChildProcess } from 'node:child_process'
 import path from 'node:path'
 import readline from 'node:readline'
+import { setTimeout as sleep } from 'node:timers/promises'
 import { fileURLToPath } from 'node:url'
 import { DuplexError, errorMessage, isDuplexError } from '../core/errors.js'
 import { GiB } from '../core/units.js'
@@ -214,10 +215,6 @@ async function retryUnavailable<T>(work: () => Promise<T>): Promise<T> {
       await sleep(200)
     }
   }
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms))
 }
 
 function cliPath(): string {

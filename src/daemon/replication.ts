@@ -53,6 +53,15 @@ export class Replication implements ExportRegistry {
   /** The node's session with the witness, if the cluster file names one. */
   readonly witness: WitnessSession | undefined
 
+  private readonly incarnation: Buffer
+  /** The cluster as last applied (start, then each `reconcile`). */
+  private config: ClusterConfig
+  /** Volumes removed from this node whose replica is still to be deleted (clients attached). */
+  private readonly retiring = new Set<string>()
+  private reconciling: Promise<void> = Promise.resolve()
+  private retireTimer: NodeJS.Timeout | undefined
+  private closing = false
+
   private constructor(private readonly options: ReplicationOptions) {
     const incarnation = newIncarnation()
     this.server = new PeerLinkServer({
@@ -85,15 +94,6 @@ export class Replication implements ExportRegistry {
       this.addController(volume, peer)
     }
   }
-
-  private readonly incarnation: Buffer
-  /** The cluster as last applied (start, then each `reconcile`). */
-  private config: ClusterConfig
-  /** Volumes removed from this node whose replica is still to be deleted (clients attached). */
-  private readonly retiring = new Set<string>()
-  private reconciling: Promise<void> = Promise.resolve()
-  private retireTimer: NodeJS.Timeout | undefined
-  private closing = false
 
   private addController(volume: ClusterVolume, peer: ClusterNode): void {
     const { options } = this

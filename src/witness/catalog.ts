@@ -10,6 +10,7 @@
  * never throws for bad input. New volumes are placed by src/placement (two data domains, the
  * witness in a third); nodes the witness has not heard from lately (`down`) receive nothing.
  */
+import { formatEndpoint } from '../core/endpoints.js'
 import type { ErrorCode } from '../core/errors.js'
 import { DuplexError, isDuplexError } from '../core/errors.js'
 import { formatSize } from '../core/units.js'
@@ -270,7 +271,7 @@ function addNode(catalog: Catalog, command: Extract<CatalogCommand, { type: 'add
     )
   }
   const endpoint = parseReachableEndpoint(command.replication, 'replication address')
-  const replication = `${endpoint.host.includes(':') ? `[${endpoint.host}]` : endpoint.host}:${endpoint.port}`
+  const replication = formatEndpoint(endpoint.host, endpoint.port)
   const capacityBytes = command.capacityBytes ?? 0
   if (!Number.isSafeInteger(capacityBytes) || capacityBytes < 0) {
     refuse('INVALID_ARGUMENT', `capacity must be a number of bytes, not ${capacityBytes}`)
@@ -339,7 +340,7 @@ function registerNode(
     )
   }
   const endpoint = parseReachableEndpoint(command.nbd, 'NBD address')
-  const nbd = `${endpoint.host.includes(':') ? `[${endpoint.host}]` : endpoint.host}:${endpoint.port}`
+  const nbd = formatEndpoint(endpoint.host, endpoint.port)
   if (!Number.isSafeInteger(command.capacityBytes) || command.capacityBytes < 0) {
     refuse('INVALID_ARGUMENT', `capacity must be a number of bytes, not ${command.capacityBytes}`)
   }

@@ -615,11 +615,13 @@ t.test('property: a new volume goes to the most free fitting node of each domain
   const seed = testSeed()
   t.comment(`seed ${seed}`)
   const rng = new Prng(seed)
+  let placed = 0
   for (let round = 0; round < 2000; round++) {
     const view = randomView(rng)
     const sizeBytes = (1 + rng.int(8)) * unit
     const result = place(view, { type: 'create', volume: 'new', sizeBytes })
     if (!result.ok || result.plan.type !== 'create') continue
+    placed++
     const used = usedBytes(view)
     for (const name of result.plan.replicas) {
       const chosen = nodeNamed(view, name)
@@ -637,7 +639,8 @@ t.test('property: a new volume goes to the most free fitting node of each domain
       }
     }
   }
-  t.pass('balanced in every round')
+  // The random clusters must actually place volumes for this to check anything.
+  t.ok(placed > 300, `${placed} of 2000 rounds placed a volume, each on the most free nodes`)
 })
 
 t.test(
