@@ -64,6 +64,13 @@ interface NodeState {
   leaseEnd: number
   /** Real times at which its held leases end, for invariant 3. */
   leaseEndsReal: number[]
+  /**
+   * The newest epoch this node asked to hand over from (-1: none). A primary hands over only
+   * after it stopped taking writes (ReplicaController), so it does not act alone in that epoch
+   * again: only in a newer one it learns (seed 2075405232: a asked to hand over to b, never
+   * heard the grant, and still counted as acting alone in its old epoch).
+   */
+  handedOverAt: number
 }
 
 class Failure extends Error {}
@@ -96,6 +103,7 @@ function runSeed(seed: number, steps: number, Witness: typeof Arbiter = Arbiter)
       known: initial,
       leaseEnd: 0,
       leaseEndsReal: [],
+      handedOverAt: -1,
     },
     b: {
       clock: { rate: drift(), offset: rng.int(1e6) },
@@ -103,6 +111,7 @@ function runSeed(seed: number, steps: number, Witness: typeof Arbiter = Arbiter)
       known: initial,
       leaseEnd: 0,
       leaseEndsReal: [],
+      handedOverAt: -1,
     },
   }
   const owners = new Map<number, string>([[generationOf(initial.epoch), 'a']])
@@ -243,6 +252,7 @@ function runSeed(seed: number, steps: number, Witness: typeof Arbiter = Arbiter)
         send({ from: name, toWitness: true, request: { kind: 'takeover', epoch } })
       else if (roll === 2) {
         const to = name === 'a' ? 'b' : 'a'
+        node.handedOverAt = epoch
         send({ from: name, toWitness: true, request: { kind: 'handover', epoch, to } })
       } else if (roll === 3 && node.known.owner === name) {
         // The owner finished a resync (or bumped its term after a restart).
@@ -256,7 +266,11 @@ function runSeed(seed: number, steps: number, Witness: typeof Arbiter = Arbiter)
     // Invariant 4: at most one node may act alone right now.
     const solo = nodes.filter((name) => {
       const node = state[name]
-      const mayAct = node.up && node.known.owner === name && !node.known.inSync
+      const mayAct =
+        node.up &&
+        node.known.owner === name &&
+        !node.known.inSync &&
+        node.known.epoch > node.handedOverAt
       return mayAct && local(node.clock, real) < node.leaseEnd
     })
     check(
