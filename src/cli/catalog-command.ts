@@ -310,6 +310,113 @@ export async function resizeCatalogVolume(
   process.stdout.write(`volume ${name} is now ${formatSize(parseSize(size))}\n`)
 }
 
+/**
+ * `duplex volume move`: rebuild one replica on another node of its site while the volume keeps
+ * serving; the old replica is deleted once the new one is in the pair. `--cancel` stops a move.
+ */
+export async function moveCatalogVolume(
+  witness: string,
+  name: string,
+  options: { from?: string | undefined; to?: string | undefined; cancel: boolean; wait: boolean },
+): Promise<void> {
+  if (options.cancel) {
+    await change(witness, { type: 'cancelMove', name })
+    process.stdout.write(`${name}: no move under way now; a partial copy is deleted\n`)
+    return
+  }
+  if (options.from === undefined) {
+    const catalog = await withAdmin(witness, (admin) => admin.getCatalog(0, 0))
+    const volume = catalog.volumes.find((each) => each.name === name)
+    if (volume === undefined)
+      throw new DuplexError('VOLUME_NOT_FOUND', `there is no volume ${name}`)
+    throw new DuplexError(
+      'INVALID_ARGUMENT',
+      `name the replica to move: --from ${volume.replicas[0]} or --from ${volume.replicas[1]}`,
+    )
+  }
+  const catalog = await change(witness, {
+    type: 'moveVolume',
+    name,
+    fromNode: options.from,
+    toNode: options.to,
+  })
+  const volume = catalog.volumes.find((each) => each.name === name)
+  process.stdout.write(
+    `${name}: moving the replica on ${volume?.moveFrom ?? options.from} to ${volume?.moveTo ?? '?'}; ` +
+      `both replicas keep serving until the new one takes over\n`,
+  )
+  if (options.wait) await waitMoves(witness, (each) => each.name === name, `${name}'s move`)
+}
+
+/** `duplex node drain`: every replica on the node moves to other nodes of its site. */
+export async function drainNode(witness: string, name: string, wait: boolean): Promise<void> {
+  const before = await withAdmin(witness, (admin) => admin.getCatalog(0, 0))
+  const catalog = await change(witness, { type: 'drainNode', name })
+  const moving = catalog.volumes.filter((volume) => volume.moveFrom === name)
+  const fresh = moving.filter(
+    (volume) => before.volumes.find((each) => each.name === volume.name)?.moveTo === '',
+  )
+  process.stdout.write(
+    `${name} is draining: it receives no new replicas` +
+      (moving.length === 0
+        ? ' and holds none\n'
+        : `; moving ${moving.map((v) => `${v.name} to ${v.moveTo}`).join(', ')}` +
+          (fresh.length < moving.length
+            ? ` (${moving.length - fresh.length} under way already)`
+            : '') +
+          '\n'),
+  )
+  if (wait) {
+    await waitMoves(witness, (volume) => volume.moveFrom === name, `draining ${name}`)
+    process.stdout.write(
+      `${name} holds no replicas; remove it with: duplex node remove ${name} --yes\n`,
+    )
+  }
+}
+
+/**
+ * `--wait` for moves: until no volume `selected` is moving, with the copies' progress on stderr
+ * (as `waitInSync`). A move the catalog cancelled also ends the wait.
+ */
+async function waitMoves(
+  witness: string,
+  selected: (volume: CatalogVolume) => boolean,
+  what: string,
+): Promise<void> {
+  const started = Date.now()
+  const tty = process.stderr.isTTY
+  let lastLine = 0
+  for (;;) {
+    const status = await withAdmin(witness, (admin) => admin.clusterStatus())
+    const moving = status.catalog.volumes.filter(
+      (volume) => volume.moveTo !== '' && selected(volume),
+    )
+    const seconds = Math.round((Date.now() - started) / 1000)
+    if (moving.length === 0) {
+      if (tty) process.stderr.write('\n')
+      process.stdout.write(`${what}: done after ${seconds} s\n`)
+      return
+    }
+    const views = await volumeViews(status)
+    const progress = views.filter((view) => view.move !== undefined)
+    const done = progress.reduce((sum, view) => sum + (view.move?.doneBytes ?? 0), 0)
+    const total = progress.reduce((sum, view) => sum + (view.move?.totalBytes ?? 0), 0)
+    const line = `${what}: ${moving.length} volume(s) moving, ${seconds} s`
+    if (tty) {
+      const width = 30
+      const filled = total === 0 ? 0 : Math.floor((done / total) * width)
+      process.stderr.write(`\r[${'#'.repeat(filled)}${'.'.repeat(width - filled)}] ${line}   `)
+    } else if (Date.now() - lastLine >= 10_000) {
+      process.stderr.write(`${line}\n`)
+      lastLine = Date.now()
+    }
+    if (Date.now() - started > waitTimeoutMs) {
+      throw new DuplexError('UNAVAILABLE', `${what} was not done after ${seconds} s`)
+    }
+    await new Promise((resolve) => setTimeout(resolve, 500))
+  }
+}
+
 interface ReplicaView {
   node: string
   domain: string
@@ -320,6 +427,8 @@ interface ReplicaView {
   dirty: boolean
   /** On a primary copying to its peer: bytes copied and to copy. */
   sync: { doneBytes: number; totalBytes: number } | undefined
+  /** On a replica moving to another node: the copy's progress. */
+  move: { doneBytes: number; totalBytes: number } | undefined
   error: string | undefined
 }
 
@@ -334,6 +443,8 @@ interface VolumeView {
   inSync: boolean | undefined
   nbd: string[]
   replicas: ReplicaView[]
+  /** A replica move under way: from, to, and the copy's progress (from the source's Describe). */
+  move: { from: string; to: string; doneBytes: number; totalBytes: number } | undefined
 }
 
 async function describeReplicas(
@@ -351,6 +462,7 @@ async function describeReplicas(
         epoch: undefined,
         dirty: false,
         sync: undefined,
+        move: undefined,
         error: undefined,
       }
       if (node === undefined) return view
@@ -362,6 +474,9 @@ async function describeReplicas(
         view.dirty = reply.dirty
         if (reply.syncBytesTotal > 0) {
           view.sync = { doneBytes: reply.syncBytesDone, totalBytes: reply.syncBytesTotal }
+        }
+        if (reply.moveBytesTotal > 0) {
+          view.move = { doneBytes: reply.moveBytesDone, totalBytes: reply.moveBytesTotal }
         }
         view.role = reply.epoch === 0 ? 'unknown' : reply.primary === name ? 'primary' : 'secondary'
       } catch (error) {
@@ -381,6 +496,8 @@ async function volumeViews(status: ClusterStatus, only?: string): Promise<Volume
   return Promise.all(
     volumes.map(async (volume) => {
       const record = status.volumes.find((each) => each.volume === volume.name)
+      const replicas = await describeReplicas(status, volume)
+      const source = replicas.find((replica) => replica.node === volume.moveFrom)
       return {
         name: volume.name,
         sizeBytes: volume.sizeBytes,
@@ -393,7 +510,16 @@ async function volumeViews(status: ClusterStatus, only?: string): Promise<Volume
           const nbd = status.catalog.nodes.find((node) => node.name === name)?.nbd ?? ''
           return nbd === '' ? [] : [`nbd://${nbd}/${volume.name}`]
         }),
-        replicas: await describeReplicas(status, volume),
+        replicas,
+        move:
+          volume.moveTo === ''
+            ? undefined
+            : {
+                from: volume.moveFrom,
+                to: volume.moveTo,
+                doneBytes: source?.move?.doneBytes ?? 0,
+                totalBytes: source?.move?.totalBytes ?? volume.sizeBytes,
+              },
       }
     }),
   )
@@ -410,6 +536,11 @@ function progressOf(view: VolumeView): string | undefined {
 function syncOf(view: VolumeView): string {
   const progress = progressOf(view)
   if (progress !== undefined) return progress
+  if (view.move !== undefined) {
+    const { from, to, doneBytes, totalBytes } = view.move
+    const percent = totalBytes === 0 ? 0 : Math.floor((doneBytes / totalBytes) * 100)
+    return `moving ${from}->${to} ${percent}%`
+  }
   if (view.inSync === undefined) return 'not started'
   if (view.inSync) return 'in sync'
   const behind = view.replicas.find((replica) => replica.node !== view.owner)

@@ -20,9 +20,11 @@ import {
   createCatalogVolume,
   defaultWitness,
   deleteCatalogVolume,
+  drainNode,
   listCatalogVolumes,
   listDomains,
   listNodes,
+  moveCatalogVolume,
   removeDomain,
   removeNode,
   resizeCatalogVolume,
@@ -167,6 +169,21 @@ async function main(argv: string[]): Promise<number> {
             }),
           (a) => {
             run(() => showNode(a.witness, a.name, a.output))
+          },
+        )
+        .command(
+          'drain <name>',
+          'move every replica off a node, within its site, while the volumes keep serving',
+          (c) =>
+            witnessOption(c)
+              .positional('name', { type: 'string', demandOption: true })
+              .option('wait', {
+                type: 'boolean',
+                default: false,
+                describe: 'wait until the node holds no replicas, showing progress',
+              }),
+          (a) => {
+            run(() => drainNode(a.witness, a.name, a.wait))
           },
         )
         .command(
@@ -391,6 +408,38 @@ async function main(argv: string[]): Promise<number> {
           },
         )
         .command(
+          'move <name>',
+          "rebuild one of a volume's replicas on another node of the same site, without stopping I/O",
+          (c) =>
+            c
+              .positional('name', { type: 'string', demandOption: true })
+              .option('from', { type: 'string', describe: 'the node whose replica moves' })
+              .option('to', {
+                type: 'string',
+                describe: 'the node it moves to (default: the node of that site with most space)',
+              })
+              .option('cancel', {
+                type: 'boolean',
+                default: false,
+                describe: 'stop a move that has not completed',
+              })
+              .option('wait', {
+                type: 'boolean',
+                default: false,
+                describe: 'wait until the new replica has taken over, showing progress',
+              }),
+          (a) => {
+            run(() =>
+              moveCatalogVolume(a.witness, a.name, {
+                from: a.from,
+                to: a.to,
+                cancel: a.cancel,
+                wait: a.wait,
+              }),
+            )
+          },
+        )
+        .command(
           'resize <name>',
           'grow a volume (both replicas)',
           (c) =>
@@ -431,7 +480,7 @@ async function main(argv: string[]): Promise<number> {
         )
         .demandCommand(
           1,
-          'name a volume command: create, list, show, resize, delete, promote, resolve, status or verify',
+          'name a volume command: create, list, show, move, resize, delete, promote, resolve, status or verify',
         ),
     )
     .command(

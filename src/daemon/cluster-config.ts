@@ -61,6 +61,8 @@ export interface ClusterVolume {
   onLostQuorum: OnLostQuorum
   /** Bytes per second a sync or resync of this volume may copy (0: unlimited). */
   resyncRateBytes: number
+  /** A replica move under way (catalog only): `from`'s replica is copied to `to` (move.ts). */
+  move?: { from: string; to: string } | undefined
 }
 
 /** DRBD's on-no-quorum: fail I/O (io-error) or hold it (suspend-io). */
@@ -83,6 +85,7 @@ const volumeKeys = [
   'followTheWriter',
   'onLostQuorum',
   'resyncRate',
+  'move',
 ]
 
 /** The rule of `validateVolumeName`, for node and domain names. */
@@ -328,7 +331,42 @@ function parseVolume(volumeJson: unknown, at: ConfigProblem, nodes: ClusterNode[
   const followTheWriter = parseFollowTheWriter(entry['followTheWriter'], at.at('followTheWriter'))
   const onLostQuorum = parseOnLostQuorum(entry['onLostQuorum'], at.at('onLostQuorum'))
   const resyncRateBytes = parseRate(entry['resyncRate'], at.at('resyncRate'))
-  return { name, sizeBytes, replicas, primary, followTheWriter, onLostQuorum, resyncRateBytes }
+  const move = parseMove(entry['move'], at.at('move'), replicas, nodes)
+  return {
+    name,
+    sizeBytes,
+    replicas,
+    primary,
+    followTheWriter,
+    onLostQuorum,
+    resyncRateBytes,
+    ...(move === undefined ? {} : { move }),
+  }
+}
+
+/** `{"from": NODE, "to": NODE}`: `from` holds a replica, `to` is another known node. */
+function parseMove(
+  value: unknown,
+  at: ConfigProblem,
+  replicas: [string, string],
+  nodes: ClusterNode[],
+): { from: string; to: string } | undefined {
+  if (value === undefined) return undefined
+  const entry = requireRecord(value, at, ['from', 'to'])
+  const from = requireString(entry['from'], at.at('from'))
+  const to = requireString(entry['to'], at.at('to'))
+  if (!replicas.includes(from)) {
+    throw at.at('from').error(`${from} holds no replica (${replicas.join(' and ')} do)`)
+  }
+  if (replicas.includes(to) || !nodes.some((node) => node.name === to)) {
+    throw at.at('to').error(`${to} must be a known node that holds no replica yet`)
+  }
+  return { from, to }
+}
+
+/** Volumes being moved to `node` (it receives a copy; it is not a replica yet). */
+export function volumesMovingTo(config: ClusterConfig, node: string): ClusterVolume[] {
+  return config.volumes.filter((volume) => volume.move?.to === node)
 }
 
 /** A rate like "100M" (bytes per second, size suffixes) or a number; absent: unlimited (0). */

@@ -23,7 +23,16 @@ import type { NodeStore, ReplicaRecord } from '../replica/store.js'
 import { WitnessSession } from '../replica/witness-session.js'
 import { WitnessClient } from '../witness/witness-service.js'
 import type { ClusterConfig, ClusterNode, ClusterVolume } from './cluster-config.js'
-import { findNode, volumesOfNode } from './cluster-config.js'
+import { findNode, volumesMovingTo, volumesOfNode } from './cluster-config.js'
+import { bootId } from '../core/boot-id.js'
+import type {
+  MoveAdoptReply,
+  MoveAdoptRequest,
+  MoveBeginRequest,
+  MoveWriteRequest,
+} from '../replica/peer-control.js'
+import type { PeerEndpoint } from '../replica/replica-controller.js'
+import { MoveSource } from './mover.js'
 
 export interface ReplicationOptions {
   nodeName: string
@@ -58,6 +67,10 @@ export class Replication implements ExportRegistry {
   private config: ClusterConfig
   /** Volumes removed from this node whose replica is still to be deleted (clients attached). */
   private readonly retiring = new Set<string>()
+  /** Replicas being moved here (not served, not replicated): the copy from the source lands. */
+  private readonly incoming = new Map<string, { from: string; sizeBytes: number; begun: boolean }>()
+  /** This node's replicas being moved away: their copiers, by volume. */
+  private readonly movers = new Map<string, MoveSource>()
   private reconciling: Promise<void> = Promise.resolve()
   private retireTimer: NodeJS.Timeout | undefined
   private closing = false
@@ -95,16 +108,22 @@ export class Replication implements ExportRegistry {
     }
   }
 
-  private addController(volume: ClusterVolume, peer: ClusterNode): void {
-    const { options } = this
+  /** The clients to a node (one stream client and one control channel per node, shared). */
+  private peerEndpoint(peer: ClusterNode): PeerEndpoint {
     const address = `${peer.replication.host}:${peer.replication.port}`
     let link = this.peers.get(peer.name)
     if (link === undefined) {
-      const client = new PeerLinkClient(options.link)
+      const client = new PeerLinkClient(this.options.link)
       client.connect(address)
       link = { link: client, control: new PeerControlClient(address) }
       this.peers.set(peer.name, link)
     }
+    return { name: peer.name, address, link: link.link, control: link.control }
+  }
+
+  private addController(volume: ClusterVolume, peer: ClusterNode): void {
+    const { options } = this
+    const { address, ...link } = this.peerEndpoint(peer)
     const local = options.store.get(volume.name)
     if (local?.info.sizeBytes !== volume.sizeBytes) {
       // Not served at all: unreplicated it would take writes its peer never sees.
@@ -160,8 +179,16 @@ export class Replication implements ExportRegistry {
     this.config = config
     for (const { volume, peer } of after) {
       const known = before.get(volume.name)
-      if (known !== undefined && this.controllers.has(volume.name)) {
-        if (JSON.stringify(known) !== JSON.stringify({ volume, peer })) {
+      const controller = this.controllers.get(volume.name)
+      if (known !== undefined && controller !== undefined) {
+        if (controller.peerName !== peer.name) {
+          log.warn('the peer of a volume changed; it applies when this node restarts', {
+            volume: volume.name,
+            peer: peer.name,
+          })
+        } else if (
+          JSON.stringify(settingsOf(known.volume)) !== JSON.stringify(settingsOf(volume))
+        ) {
           log.warn('a volume setting changed; it applies when this node restarts', {
             volume: volume.name,
           })
@@ -169,6 +196,7 @@ export class Replication implements ExportRegistry {
         continue
       }
       if (this.retiring.has(volume.name)) continue // deleted and created again: after the delete
+      this.incoming.delete(volume.name) // a move here completed: the copy is the replica now
       await ensureReplica(store, volume, log)
       this.refused.delete(volume.name)
       this.addController(volume, peer)
@@ -176,6 +204,7 @@ export class Replication implements ExportRegistry {
       log.info('replica added', { volume: volume.name, peer: peer.name })
     }
     const kept = new Set(after.map((entry) => entry.volume.name))
+    await this.applyMoves(config, kept)
     for (const name of before.keys()) {
       if (kept.has(name)) continue
       const controller = this.controllers.get(name)
@@ -205,6 +234,138 @@ export class Replication implements ExportRegistry {
     }
   }
 
+  /**
+   * Starts the copiers of this node's replicas that move away and stops those whose move ended;
+   * keeps the volumes moving here apart (not served) and deletes the copies of moves that were
+   * cancelled.
+   */
+  private async applyMoves(config: ClusterConfig, kept: ReadonlySet<string>): Promise<void> {
+    const { nodeName, store, log } = this.options
+    const leaving = new Map(
+      config.volumes
+        .filter((volume) => volume.move?.from === nodeName && kept.has(volume.name))
+        .map((volume) => [volume.name, volume]),
+    )
+    for (const [name, mover] of [...this.movers]) {
+      if (leaving.get(name)?.move?.to === mover.toNode) continue
+      this.movers.delete(name)
+      await mover.stop()
+    }
+    for (const [name, volume] of leaving) {
+      const controller = this.controllers.get(name)
+      const local = store.get(name)
+      const to = volume.move === undefined ? undefined : findNode(config, volume.move.to)
+      if (this.movers.has(name) || controller === undefined || local === undefined || !to) continue
+      const mover = new MoveSource({
+        nodeName,
+        toNode: to.name,
+        local,
+        controller,
+        target: this.peerEndpoint(to).control,
+        peerControl: () => {
+          const peer = findNode(this.config, controller.peerName)
+          if (peer === undefined) {
+            throw new DuplexError('UNAVAILABLE', `${controller.peerName} is not in the cluster`)
+          }
+          return this.peerEndpoint(peer).control
+        },
+        rateBytes: volume.resyncRateBytes,
+        log: log.child('move'),
+      })
+      this.movers.set(name, mover)
+      mover.start()
+    }
+    const arriving = new Map(volumesMovingTo(config, nodeName).map((v) => [v.name, v]))
+    for (const [name, volume] of arriving) {
+      const from = volume.move?.from ?? ''
+      const known = this.incoming.get(name)
+      if (known?.from === from) continue
+      this.incoming.set(name, { from, sizeBytes: volume.sizeBytes, begun: false })
+      this.refused.add(name)
+      log.info('a replica is moving here', { volume: name, from })
+    }
+    for (const name of [...this.incoming.keys()]) {
+      if (arriving.has(name) || kept.has(name)) continue
+      this.incoming.delete(name) // cancelled, or the volume deleted: drop the partial copy
+      this.retiring.add(name)
+    }
+  }
+
+  /** The move of this node's replica away, if one runs: its state and progress. */
+  moveOf(volume: string): MoveSource | undefined {
+    return this.movers.get(volume)
+  }
+
+  private incomingCopy(volume: string, fromNode: string): { sizeBytes: number; begun: boolean } {
+    const entry = this.incoming.get(volume)
+    if (entry === undefined || entry.from !== fromNode) {
+      throw new DuplexError(
+        'FAILED_PRECONDITION',
+        `the catalog does not move ${volume} from ${fromNode} to ${this.options.nodeName}`,
+      )
+    }
+    return entry
+  }
+
+  /** Target of a move: start over with an empty replica. */
+  private async moveBegin(request: MoveBeginRequest): Promise<void> {
+    const { store, log } = this.options
+    const entry = this.incomingCopy(request.volume, request.fromNode)
+    if (request.sizeBytes !== entry.sizeBytes) {
+      throw new DuplexError(
+        'INVALID_ARGUMENT',
+        `${request.volume} is ${entry.sizeBytes} bytes in the catalog, not ${request.sizeBytes}`,
+      )
+    }
+    entry.begun = false
+    if (store.get(request.volume) !== undefined) await store.delete(request.volume)
+    await store.create(request.volume, entry.sizeBytes)
+    await store.setReplica(request.volume, initialRecord(false))
+    entry.begun = true
+    log.info('receiving a moving replica', { volume: request.volume, from: request.fromNode })
+  }
+
+  private targetVolume(
+    volume: string,
+    fromNode: string,
+  ): NonNullable<ReturnType<NodeStore['get']>> {
+    const entry = this.incomingCopy(volume, fromNode)
+    const local = this.options.store.get(volume)
+    if (!entry.begun || local === undefined) {
+      throw new DuplexError('FAILED_PRECONDITION', `no copy of ${volume} has begun here`)
+    }
+    return local
+  }
+
+  private async moveWrite(request: MoveWriteRequest): Promise<void> {
+    const local = this.targetVolume(request.volume, request.fromNode)
+    const { offset, length } = request
+    if (offset + length > local.info.sizeBytes) {
+      throw new DuplexError(
+        'OUT_OF_RANGE',
+        `${length} bytes at ${offset} are beyond ${request.volume}`,
+      )
+    }
+    if (request.hole) await local.trim(offset, length, false)
+    else await local.write(offset, request.data, false)
+  }
+
+  /** The copy is complete: durable, then it takes the source's record (not served until placed). */
+  private async moveAdopt(request: MoveAdoptRequest): Promise<MoveAdoptReply> {
+    const local = this.targetVolume(request.volume, request.fromNode)
+    await local.flush()
+    await this.options.store.setReplica(request.volume, {
+      epoch: request.epoch,
+      primary: request.primary,
+      state: request.state,
+      history: request.history,
+    })
+    this.options.log.info('moved replica complete here; it joins when the witness records it', {
+      volume: request.volume,
+    })
+    return { bootId }
+  }
+
   /** Volumes removed from this node whose data is not deleted yet (clients still attached). */
   get retiringVolumes(): string[] {
     return [...this.retiring]
@@ -224,6 +385,10 @@ export class Replication implements ExportRegistry {
       await ensureReplica(store, volume, log)
     }
     const replication = new Replication(options)
+    await replication.applyMoves(
+      config,
+      new Set(volumesOfNode(config, nodeName).map((entry) => entry.volume.name)),
+    )
     await addPeerControlService(replication.server.grpcServer, replication.handlers(), log)
     const port = await replication.server.listen(self.replication.host, self.replication.port)
     replication.address = {
@@ -276,6 +441,7 @@ export class Replication implements ExportRegistry {
     this.closing = true
     clearTimeout(this.retireTimer)
     await this.reconciling
+    await Promise.allSettled([...this.movers.values()].map((mover) => mover.stop()))
     const results = await Promise.allSettled(
       [...this.controllers.values()].map((controller) => controller.close()),
     )
@@ -306,7 +472,14 @@ export class Replication implements ExportRegistry {
       return controller
     }
     return {
-      describe: (volume) => Promise.resolve().then(() => find(volume).describe()),
+      describe: (volume) =>
+        Promise.resolve()
+          .then(() => find(volume).describe())
+          .then((reply) => {
+            const move = this.movers.get(volume)?.progress()
+            if (move === undefined) return reply
+            return { ...reply, moveBytesDone: move.done, moveBytesTotal: move.total }
+          }),
       renewLease: (request) =>
         Promise.resolve().then(() => find(request.volume).renewLease(request)),
       checksum: (request) => Promise.resolve().then(() => find(request.volume).checksum(request)),
@@ -319,8 +492,47 @@ export class Replication implements ExportRegistry {
       resolve: (request) => Promise.resolve().then(() => find(request.volume).resolve(request)),
       syncComplete: (request) =>
         Promise.resolve().then(() => find(request.volume).syncComplete(request)),
+      moveBegin: (request) => this.moveBegin(request),
+      moveWrite: (request) => this.moveWrite(request),
+      moveAdopt: (request) => this.moveAdopt(request),
+      moveCutover: (request) =>
+        Promise.resolve().then(() => {
+          const target = findNode(this.config, request.toNode)
+          const moving = this.config.volumes.find((volume) => volume.name === request.volume)
+          if (
+            target === undefined ||
+            moving?.move?.from !== request.fromNode ||
+            moving.move.to !== request.toNode
+          ) {
+            // Done already (a retry after the catalog changed) is the controller's to answer.
+            const controller = find(request.volume)
+            if (controller.peerName === request.toNode) return { epoch: controller.status().epoch }
+            throw new DuplexError(
+              'FAILED_PRECONDITION',
+              `the catalog does not move ${request.volume} from ${request.fromNode} to ${request.toNode}`,
+            )
+          }
+          return find(request.volume).moveCutover(request, this.peerEndpoint(target))
+        }),
+      moveFinish: (request) =>
+        Promise.resolve().then(() => {
+          const mover = this.movers.get(request.volume)
+          if (mover === undefined) {
+            throw new DuplexError(
+              'FAILED_PRECONDITION',
+              `${this.options.nodeName} is not moving its replica of ${request.volume}`,
+            )
+          }
+          return mover.finish(request)
+        }),
     }
   }
+}
+
+/** What of a volume's configuration a running replica uses (not its placement). */
+function settingsOf(volume: ClusterVolume): unknown {
+  const { sizeBytes, followTheWriter, onLostQuorum, resyncRateBytes } = volume
+  return { sizeBytes, followTheWriter, onLostQuorum, resyncRateBytes }
 }
 
 /** Creates the local replica of a volume placed here if it is missing. */

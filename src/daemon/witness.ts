@@ -45,7 +45,7 @@ export interface RunningWitness {
   stop(): Promise<void>
 }
 
-type Kind = 'report' | 'degrade' | 'takeover' | 'handover'
+type Kind = 'report' | 'degrade' | 'takeover' | 'handover' | 'replace'
 
 /** The handlers: the arbiter and the catalog, one decision at a time, durable before it answers. */
 class Witness implements WitnessHandlers, AdminHandlers {
@@ -185,6 +185,28 @@ class Witness implements WitnessHandlers, AdminHandlers {
     return this.decide('handover', (now) => this.arbiter.handover(request, now))
   }
 
+  /**
+   * A moved replica: the arbiter's record and the catalog change together, in one synced batch.
+   * The catalog must be moving that replica to that node (an admin asked for it), or nothing
+   * changes.
+   */
+  replaceReplica(request: Parameters<WitnessHandlers['replaceReplica']>[0]): Promise<VolumeRecord> {
+    const { volume, fromNode, toNode } = request
+    return this.decide(
+      'replace',
+      (now) => this.arbiter.replace(request, now),
+      () => {
+        const result = applyCatalogCommand(
+          this.catalog,
+          { type: 'completeMove', name: volume, fromNode, toNode },
+          { down: new Set() },
+        )
+        if (!result.ok) throw new DuplexError(result.code, result.message)
+        return result.catalog
+      },
+    )
+  }
+
   status(): Promise<WitnessStatus> {
     const now = performance.now()
     return Promise.resolve({
@@ -202,7 +224,12 @@ class Witness implements WitnessHandlers, AdminHandlers {
     await this.tail
   }
 
-  private decide(kind: Kind, decide: (now: number) => Decision): Promise<VolumeRecord> {
+  private decide(
+    kind: Kind,
+    decide: (now: number) => Decision,
+    /** The catalog that changes with the record (it may refuse by throwing). */
+    catalogWith?: () => Catalog,
+  ): Promise<VolumeRecord> {
     const result = this.tail.then(async () => {
       this.checkStore()
       const decision = decide(performance.now())
@@ -216,13 +243,24 @@ class Witness implements WitnessHandlers, AdminHandlers {
       }
       const { change } = decision
       if (change !== undefined) {
+        const catalog = catalogWith?.()
         try {
-          await this.store.put(change)
+          if (catalog === undefined) await this.store.put(change)
+          else await this.store.putRecordAndCatalog(change, catalog)
         } catch (error) {
           this.storeFailed(error)
           throw new DuplexError('IO_ERROR', `the witness cannot record ${change.volume}`)
         }
         this.arbiter.apply(change)
+        if (catalog !== undefined && catalog !== this.catalog) {
+          this.catalog = catalog
+          this.catalogChanges.set(
+            'completeMove',
+            (this.catalogChanges.get('completeMove') ?? 0) + 1,
+          )
+          this.log.info('catalog changed', { revision: catalog.revision, change: 'completeMove' })
+          for (const wake of this.waiters) wake()
+        }
         this.grants.set(kind, (this.grants.get(kind) ?? 0) + 1)
         this.log.info(kind === 'report' ? 'recorded' : 'granted', {
           kind,
@@ -326,7 +364,7 @@ function registerWitnessMetrics(registry: Registry, witness: Witness): void {
     registers: [registry],
     collect() {
       this.reset()
-      for (const kind of ['report', 'degrade', 'takeover', 'handover'] as const) {
+      for (const kind of ['report', 'degrade', 'takeover', 'handover', 'replace'] as const) {
         this.inc({ kind }, witness.grants.get(kind) ?? 0)
       }
     },

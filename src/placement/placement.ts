@@ -40,6 +40,8 @@ export interface VolumeView {
   sizeBytes: number
   /** The nodes holding its two replicas. */
   replicas: readonly [string, string]
+  /** A node a replica is being moved to (its space is taken already). */
+  incoming?: string | undefined
 }
 
 export interface ClusterView {
@@ -78,6 +80,9 @@ export function usedBytes(view: ClusterView): Map<string, number> {
   const used = new Map(view.nodes.map((node) => [node.name, 0]))
   for (const volume of view.volumes) {
     for (const node of volume.replicas) used.set(node, (used.get(node) ?? 0) + volume.sizeBytes)
+    if (volume.incoming !== undefined) {
+      used.set(volume.incoming, (used.get(volume.incoming) ?? 0) + volume.sizeBytes)
+    }
   }
   return used
 }
@@ -304,7 +309,7 @@ function moveTarget(
   from: NodeView,
   toNode: string | undefined,
 ): NodeView | string {
-  const exclude = new Set([...volume.replicas])
+  const exclude = new Set([...volume.replicas, ...(volume.incoming ? [volume.incoming] : [])])
   if (toNode !== undefined) {
     const to = view.nodes.find((node) => node.name === toNode)
     if (to === undefined) return `there is no node ${toNode}`

@@ -58,7 +58,7 @@ import {
   encodeMessage,
   loadProto,
 } from '../core/unary-rpc.js'
-import type { Problem, Rpc, RpcCodec } from '../core/unary-rpc.js'
+import type { Fields, Problem, Rpc, RpcCodec } from '../core/unary-rpc.js'
 import { peerKeepaliveTimeMs, peerKeepaliveTimeoutMs, peerMessageBytesMax } from './peer-link.js'
 import { generationHistoryMax } from './store.js'
 import type { GenerationEntry } from './store.js'
@@ -125,6 +125,9 @@ export interface DescribeReply {
   /** A primary's sync or resync to its peer: bytes copied and to copy (0 and 0: none runs). */
   syncBytesDone: number
   syncBytesTotal: number
+  /** Moving to another node: bytes of the volume the copy covered, and its size (0, 0: not). */
+  moveBytesDone: number
+  moveBytesTotal: number
 }
 
 /** How `describe` reads a volume the peer does not hold. */
@@ -141,6 +144,8 @@ export const absentReplica: Readonly<DescribeReply> = Object.freeze({
   history: [],
   syncBytesDone: 0,
   syncBytesTotal: 0,
+  moveBytesDone: 0,
+  moveBytesTotal: 0,
 })
 
 export type ForwardKind = 'read' | 'write' | 'trim' | 'zero' | 'flush'
@@ -234,6 +239,56 @@ export interface RenewLeaseReply {
   epoch: number
 }
 
+export interface MoveBeginRequest {
+  volume: string
+  fromNode: string
+  sizeBytes: number
+}
+
+/** A piece of a moving replica: `data` (`length` bytes) at `offset`, or a hole. */
+export interface MoveWriteRequest {
+  volume: string
+  fromNode: string
+  offset: number
+  length: number
+  data: Buffer
+  hole: boolean
+}
+
+export interface MoveAdoptRequest {
+  volume: string
+  fromNode: string
+  epoch: number
+  primary: string
+  state: ReplicaState
+  history: GenerationEntry[]
+}
+
+export interface MoveAdoptReply {
+  bootId: string
+}
+
+export interface MoveCutoverRequest {
+  volume: string
+  fromNode: string
+  toNode: string
+  epoch: number
+}
+
+export interface MoveCutoverReply {
+  epoch: number
+}
+
+export interface MoveFinishRequest {
+  volume: string
+  fromNode: string
+  toNode: string
+  epoch: number
+}
+
+/** Bytes one MoveWrite carries. */
+export const moveWriteBytesMax = 4 * MiB
+
 /** What a node implements; a thrown DuplexError travels to the caller with its code and message. */
 export interface PeerControlHandlers {
   /** A volume this node does not hold: `exists: false` (the other fields are not sent). */
@@ -247,6 +302,11 @@ export interface PeerControlHandlers {
   checksum(request: ChecksumRequest): Promise<ChecksumReply>
   repair(request: RepairRequest): Promise<RepairReply>
   resolve(request: ResolveRequest): Promise<void>
+  moveBegin(request: MoveBeginRequest): Promise<void>
+  moveWrite(request: MoveWriteRequest): Promise<void>
+  moveAdopt(request: MoveAdoptRequest): Promise<MoveAdoptReply>
+  moveCutover(request: MoveCutoverRequest): Promise<MoveCutoverReply>
+  moveFinish(request: MoveFinishRequest): Promise<MoveAdoptReply>
 }
 
 /** A forward request as it travels: with the xxh64 of a WRITE's data (0 otherwise). */
@@ -275,6 +335,9 @@ function describeReplyProblem(reply: DescribeReply): Problem {
     uintProblem(reply.syncBytesDone, 'syncBytesDone'),
     uintProblem(reply.syncBytesTotal, 'syncBytesTotal'),
     reply.syncBytesDone > reply.syncBytesTotal ? 'syncBytesDone over syncBytesTotal' : undefined,
+    uintProblem(reply.moveBytesDone, 'moveBytesDone'),
+    uintProblem(reply.moveBytesTotal, 'moveBytesTotal'),
+    reply.moveBytesDone > reply.moveBytesTotal ? 'moveBytesDone over moveBytesTotal' : undefined,
     textProblem(reply.bootId, 'bootId', 64, false),
     reply.history.length > generationHistoryMax ? 'history too long' : undefined,
     ...reply.history.map((entry) =>
@@ -342,6 +405,14 @@ function rpc<Request, Reply>(name: string, codec: RpcCodec<Request, Reply>): Rpc
   return unaryRpc(root, 'duplex.v1.Peer', name, codec)
 }
 
+function readHistory(message: Fields): GenerationEntry[] {
+  return readRepeated(message, 'history', generationHistoryMax, (entry) => ({
+    generation: readU64(entry, 'generation'),
+    owner: readName(entry, 'owner'),
+    forced: readBool(entry, 'forced'),
+  }))
+}
+
 const replicaStates: readonly ReplicaState[] = ['UpToDate', 'Inconsistent', 'Outdated']
 const forwardKinds: readonly ForwardKind[] = ['read', 'write', 'trim', 'zero', 'flush']
 
@@ -368,6 +439,8 @@ const describeRpc = rpc<{ volume: string }, DescribeReply>('Describe', {
       history: reply.history,
       syncBytesDone: reply.syncBytesDone,
       syncBytesTotal: reply.syncBytesTotal,
+      moveBytesDone: reply.moveBytesDone,
+      moveBytesTotal: reply.moveBytesTotal,
     }
   },
   readReply: (message) => {
@@ -381,13 +454,11 @@ const describeRpc = rpc<{ volume: string }, DescribeReply>('Describe', {
       extentBytes: readU64(message, 'extentBytes'),
       dirty: readBool(message, 'dirty'),
       bootId: readString(message, 'bootId'),
-      history: readRepeated(message, 'history', generationHistoryMax, (entry) => ({
-        generation: readU64(entry, 'generation'),
-        owner: readName(entry, 'owner'),
-        forced: readBool(entry, 'forced'),
-      })),
+      history: readHistory(message),
       syncBytesDone: readU64(message, 'syncBytesDone'),
       syncBytesTotal: readU64(message, 'syncBytesTotal'),
+      moveBytesDone: readU64(message, 'moveBytesDone'),
+      moveBytesTotal: readU64(message, 'moveBytesTotal'),
     }
     if (reply.exists) {
       failOn(describeReplyProblem({ ...reply, state: 'Inconsistent' }))
@@ -402,7 +473,8 @@ const describeRpc = rpc<{ volume: string }, DescribeReply>('Describe', {
       !reply.dirty &&
       reply.bootId === '' &&
       reply.history.length === 0 &&
-      reply.syncBytesTotal === 0
+      reply.syncBytesTotal === 0 &&
+      reply.moveBytesTotal === 0
     if (!unset || reply.state !== undefined) fail('fields set for a volume that does not exist')
     return { ...reply, state: 'Inconsistent' }
   },
@@ -603,6 +675,139 @@ const syncCompleteRpc = rpc<SyncCompleteRequest, undefined>('SyncComplete', {
   readReply: () => undefined,
 })
 
+const moveBeginRpc = rpc<MoveBeginRequest, undefined>('MoveBegin', {
+  requestProblem: (request) =>
+    firstProblem(
+      nameProblem(request.volume, 'volume'),
+      nameProblem(request.fromNode, 'fromNode'),
+      uintProblem(request.sizeBytes, 'sizeBytes'),
+    ),
+  writeRequest: (request) => ({ ...request }),
+  readRequest: (message) => ({
+    volume: readName(message, 'volume'),
+    fromNode: readName(message, 'fromNode'),
+    sizeBytes: readU64(message, 'sizeBytes'),
+  }),
+  replyProblem: () => undefined,
+  writeReply: () => ({}),
+  readReply: () => undefined,
+})
+
+interface WireMoveWrite extends MoveWriteRequest {
+  xxh64: bigint
+}
+
+function moveWriteProblem(request: MoveWriteRequest): Problem {
+  const { offset, length, data, hole } = request
+  return firstProblem(
+    nameProblem(request.volume, 'volume'),
+    nameProblem(request.fromNode, 'fromNode'),
+    uintProblem(offset, 'offset'),
+    uintProblem(length, 'length'),
+    uintProblem(offset + length, 'range end'),
+    length === 0 ? 'an empty range' : undefined,
+    hole && data.length > 0 ? 'data with a hole' : undefined,
+    !hole && data.length !== length
+      ? `${data.length} data bytes for a length of ${length}`
+      : undefined,
+    !hole && length > moveWriteBytesMax
+      ? `${length} bytes, more than ${moveWriteBytesMax}`
+      : undefined,
+  )
+}
+
+const moveWriteRpc = rpc<WireMoveWrite, undefined>('MoveWrite', {
+  requestProblem: moveWriteProblem,
+  writeRequest: (request) => ({ ...request, xxh64: fixed64(request.xxh64) }),
+  readRequest: (message) => {
+    const request = {
+      volume: readName(message, 'volume'),
+      fromNode: readName(message, 'fromNode'),
+      offset: readU64(message, 'offset'),
+      length: readU64(message, 'length'),
+      data: readBytes(message, 'data'),
+      xxh64: readFixed64(message, 'xxh64'),
+      hole: readBool(message, 'hole'),
+    }
+    failOn(moveWriteProblem(request))
+    return request
+  },
+  replyProblem: () => undefined,
+  writeReply: () => ({}),
+  readReply: () => undefined,
+})
+
+function moveAdoptProblem(request: MoveAdoptRequest): Problem {
+  return firstProblem(
+    nameProblem(request.volume, 'volume'),
+    nameProblem(request.fromNode, 'fromNode'),
+    uintProblem(request.epoch, 'epoch'),
+    nameProblem(request.primary, 'primary'),
+    request.history.length > generationHistoryMax ? 'history too long' : undefined,
+  )
+}
+
+const moveAdoptRpc = rpc<MoveAdoptRequest, MoveAdoptReply>('MoveAdopt', {
+  requestProblem: moveAdoptProblem,
+  writeRequest: (request) => ({
+    ...request,
+    state: enumToWire(replicaStates, request.state),
+  }),
+  readRequest: (message) => {
+    const request = {
+      volume: readName(message, 'volume'),
+      fromNode: readName(message, 'fromNode'),
+      epoch: readU64(message, 'epoch'),
+      primary: readName(message, 'primary'),
+      state: readRequiredEnum(message, 'state', replicaStates),
+      history: readHistory(message),
+    }
+    failOn(moveAdoptProblem(request))
+    return request
+  },
+  replyProblem: (reply) => textProblem(reply.bootId, 'bootId', nameBytesMax, false),
+  writeReply: (reply) => ({ bootId: reply.bootId }),
+  readReply: (message) => ({ bootId: readString(message, 'bootId') }),
+})
+
+function moveStepProblem(request: MoveCutoverRequest | MoveFinishRequest): Problem {
+  return firstProblem(
+    nameProblem(request.volume, 'volume'),
+    nameProblem(request.fromNode, 'fromNode'),
+    nameProblem(request.toNode, 'toNode'),
+    uintProblem(request.epoch, 'epoch'),
+  )
+}
+
+function readMoveStep(message: Fields): MoveCutoverRequest {
+  const request = {
+    volume: readName(message, 'volume'),
+    fromNode: readName(message, 'fromNode'),
+    toNode: readName(message, 'toNode'),
+    epoch: readU64(message, 'epoch'),
+  }
+  failOn(moveStepProblem(request))
+  return request
+}
+
+const moveCutoverRpc = rpc<MoveCutoverRequest, MoveCutoverReply>('MoveCutover', {
+  requestProblem: moveStepProblem,
+  writeRequest: (request) => ({ ...request }),
+  readRequest: readMoveStep,
+  replyProblem: (reply) => uintProblem(reply.epoch, 'epoch'),
+  writeReply: (reply) => ({ epoch: reply.epoch }),
+  readReply: (message) => ({ epoch: readU64(message, 'epoch') }),
+})
+
+const moveFinishRpc = rpc<MoveFinishRequest, MoveAdoptReply>('MoveFinish', {
+  requestProblem: moveStepProblem,
+  writeRequest: (request) => ({ ...request }),
+  readRequest: readMoveStep,
+  replyProblem: (reply) => textProblem(reply.bootId, 'bootId', nameBytesMax, false),
+  writeReply: (reply) => ({ bootId: reply.bootId }),
+  readReply: (message) => ({ bootId: readString(message, 'bootId') }),
+})
+
 /** The Peer service over raw bytes (our codecs do the decoding); tests build hostile peers on it. */
 export const peerService: grpc.ServiceDefinition = {
   Describe: method(describeRpc),
@@ -614,6 +819,11 @@ export const peerService: grpc.ServiceDefinition = {
   Checksum: method(checksumRpc),
   Repair: method(repairRpc),
   Resolve: method(resolveRpc),
+  MoveBegin: method(moveBeginRpc),
+  MoveWrite: method(moveWriteRpc),
+  MoveAdopt: method(moveAdoptRpc),
+  MoveCutover: method(moveCutoverRpc),
+  MoveFinish: method(moveFinishRpc),
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -686,6 +896,34 @@ export async function addPeerControlService(
       log,
       where,
     ),
+    MoveBegin: unary(
+      moveBeginRpc,
+      async (request) => {
+        await handlers.moveBegin(request)
+        return undefined
+      },
+      log,
+      where,
+    ),
+    MoveWrite: unary(
+      moveWriteRpc,
+      async ({ xxh64: sent, ...request }) => {
+        if (!request.hole && xxh64(request.data) !== sent) {
+          const where = `${request.length} bytes at ${request.offset} of ${request.volume}`
+          throw new DuplexError(
+            'CHECKSUM_MISMATCH',
+            `moved copy of ${where} failed its xxh64 check`,
+          )
+        }
+        await handlers.moveWrite(request)
+        return undefined
+      },
+      log,
+      where,
+    ),
+    MoveAdopt: unary(moveAdoptRpc, (request) => handlers.moveAdopt(request), log, where),
+    MoveCutover: unary(moveCutoverRpc, (request) => handlers.moveCutover(request), log, where),
+    MoveFinish: unary(moveFinishRpc, (request) => handlers.moveFinish(request), log, where),
   })
 }
 
@@ -778,6 +1016,37 @@ export class PeerControlClient {
 
   resolve(request: ResolveRequest, deadlineMs?: number): Promise<void> {
     return this.client.invoke(resolveRpc, request, deadlineMs)
+  }
+
+  moveBegin(request: MoveBeginRequest, deadlineMs?: number): Promise<void> {
+    return this.client.invoke(moveBeginRpc, request, deadlineMs)
+  }
+
+  /** One piece of a moving replica; a payload that fails its checksum is sent again. */
+  async moveWrite(request: MoveWriteRequest, deadlineMs?: number): Promise<void> {
+    const xxh64 = await loadXxh64()
+    const wire = { ...request, xxh64: request.hole ? 0n : xxh64(request.data) }
+    for (let attempt = 0; ; attempt++) {
+      try {
+        await this.client.invoke(moveWriteRpc, wire, deadlineMs)
+        return
+      } catch (error) {
+        const retry = error instanceof DuplexError && error.code === 'CHECKSUM_MISMATCH'
+        if (!retry || attempt >= forwardChecksumRetriesMax) throw error
+      }
+    }
+  }
+
+  moveAdopt(request: MoveAdoptRequest, deadlineMs?: number): Promise<MoveAdoptReply> {
+    return this.client.invoke(moveAdoptRpc, request, deadlineMs)
+  }
+
+  moveCutover(request: MoveCutoverRequest, deadlineMs?: number): Promise<MoveCutoverReply> {
+    return this.client.invoke(moveCutoverRpc, request, deadlineMs)
+  }
+
+  moveFinish(request: MoveFinishRequest, deadlineMs?: number): Promise<MoveAdoptReply> {
+    return this.client.invoke(moveFinishRpc, request, deadlineMs)
   }
 
   /** Close the channel; calls after this reject with SHUTTING_DOWN. */

@@ -24,11 +24,12 @@
  * then a flush on both, then `SyncComplete`, which makes it UpToDate.
  */
 import { performance } from 'node:perf_hooks'
+import { setTimeout as sleep } from 'node:timers/promises'
 import { DuplexError, errorMessage, isDuplexError } from '../core/errors.js'
 import { bootId } from '../core/boot-id.js'
 import { formatEpoch, nextGeneration, nextTerm } from '../core/epochs.js'
 import type { Logger } from '../core/log.js'
-import type { VolumeRecord } from '../witness/arbiter.js'
+import type { ReplaceRequest, VolumeRecord } from '../witness/arbiter.js'
 import type { LeaseTiming } from '../witness/lease.js'
 import { DirtyMap, mergeRanges } from './dirty-map.js'
 import type { AllocationExtent, BlockDevice, ExportInfo, ZeroOptions } from '../nbd/exports.js'
@@ -52,6 +53,8 @@ import type {
   ForwardRequest,
   HandoverReply,
   HandoverRequest,
+  MoveCutoverReply,
+  MoveCutoverRequest,
   PeerControlClient,
   PromoteReply,
   ChecksumReply,
@@ -192,8 +195,24 @@ class Signal {
   }
 }
 
+/** The node holding the other replica, and the clients that reach it. */
+export interface PeerEndpoint {
+  name: string
+  /** HOST:PORT of its replication endpoint. */
+  address: string
+  link: PeerLinkClient
+  control: PeerControlClient
+}
+
+/** How long a primary waits for the source of a move to copy what is left and hand over. */
+const moveFinishDeadlineMs = 120_000
+/** Between attempts to hear the witness's answer about a moved replica. */
+const moveWitnessRetryMs = 250
+
 export class ReplicaController implements BlockDevice {
   readonly info: ExportInfo
+  /** Changes only when a replica move completes (`moveCutover`). */
+  private peer: PeerEndpoint
   private role: Role = { type: 'starting' }
   private record: ReplicaRecord
   /** New client requests wait while set (a role change is under way). */
@@ -238,6 +257,8 @@ export class ReplicaController implements BlockDevice {
   /** The witness must still hear that the peer is (or is not) in sync. */
   private witnessReport: boolean | undefined
   private reporting = false
+  /** This replica is moving to another node and about to leave the pair: no local reads. */
+  private leaving = false
 
   constructor(
     private readonly options: ReplicaControllerOptions,
@@ -245,6 +266,12 @@ export class ReplicaController implements BlockDevice {
   ) {
     this.info = options.volume.info
     this.record = record
+    this.peer = {
+      name: options.peerName,
+      address: options.peerAddress,
+      link: options.link,
+      control: options.control,
+    }
     this.roleWaitMs = options.roleWaitMs ?? roleWaitMsDefault
     this.policy = new FollowTheWriter(
       performance.now(),
@@ -384,6 +411,8 @@ export class ReplicaController implements BlockDevice {
             syncBytesTotal: this.syncBytesTotal,
           }
         : { syncBytesDone: 0, syncBytesTotal: 0 }),
+      moveBytesDone: 0,
+      moveBytesTotal: 0,
     }
   }
 
@@ -440,7 +469,7 @@ export class ReplicaController implements BlockDevice {
   renewLease(request: RenewLeaseRequest): RenewLeaseReply {
     const role = this.role
     const counterpart =
-      request.fromNode === this.options.peerName &&
+      request.fromNode === this.peer.name &&
       request.epoch === this.record.epoch &&
       ((role.type === 'primary' && !role.degraded) ||
         (role.type === 'secondary' && role.expectedPrimary === request.fromNode))
@@ -450,10 +479,10 @@ export class ReplicaController implements BlockDevice {
 
   /** A request of a client attached to the peer's node: served here if this node is primary. */
   async serveForwarded(request: ForwardRequest): Promise<ForwardReply> {
-    if (request.fromNode !== this.options.peerName) {
+    if (request.fromNode !== this.peer.name) {
       throw new DuplexError(
         'INVALID_ARGUMENT',
-        `${request.fromNode} holds no replica of ${this.name}; only ${this.options.peerName} may forward`,
+        `${request.fromNode} holds no replica of ${this.name}; only ${this.peer.name} may forward`,
       )
     }
     const role = await this.settled(request.kind === 'read' ? 'read' : 'write')
@@ -499,7 +528,7 @@ export class ReplicaController implements BlockDevice {
   /** The current primary's side of a handover to the peer. */
   async handover(request: HandoverRequest): Promise<HandoverReply> {
     const { toNode } = request
-    if (toNode !== this.options.peerName || request.fromNode !== toNode) {
+    if (toNode !== this.peer.name || request.fromNode !== toNode) {
       throw new DuplexError('INVALID_ARGUMENT', `${toNode} cannot take over ${this.name}`)
     }
     const role = this.role
@@ -543,6 +572,151 @@ export class ReplicaController implements BlockDevice {
     )
   }
 
+  // ---- moving a replica (move.ts): the primary's side, and the source's
+
+  /** The peer this replica pairs with now. */
+  get peerName(): string {
+    return this.peer.name
+  }
+
+  /** This replica's record (the source of a move hands it to the target). */
+  get replicaRecord(): ReplicaRecord {
+    return this.record
+  }
+
+  /**
+   * Source of a move: while set, reads of this node's clients go to the primary, so that none
+   * returns data older than what the primary acknowledged with the new replica. Set before the
+   * final copy; cleared if the move did not complete.
+   */
+  setLeaving(leaving: boolean): void {
+    this.leaving = leaving
+  }
+
+  /**
+   * Source of a move, asked by the primary with client I/O paused: whether this replica is the
+   * primary's in-sync secondary in `epoch`, so that its bytes are the volume's.
+   */
+  checkMoveSource(fromNode: string, epoch: number): void {
+    const role = this.role
+    if (
+      role.type !== 'secondary' ||
+      role.expectedPrimary !== fromNode ||
+      this.record.primary !== fromNode ||
+      this.record.state !== 'UpToDate' ||
+      this.record.epoch !== epoch
+    ) {
+      throw new DuplexError(
+        'FAILED_PRECONDITION',
+        `the replica of ${this.name} on ${this.options.nodeName} is not ${fromNode}'s in-sync ` +
+          `secondary in epoch ${formatEpoch(epoch)} (${role.type}, ${this.record.state}, ` +
+          `primary ${this.record.primary} in ${formatEpoch(this.record.epoch)})`,
+      )
+    }
+  }
+
+  /**
+   * Primary: the peer's replica is moving to `target` and its copy has nearly caught up. Client
+   * I/O pauses; in-flight requests drain and both replicas flush; the source copies what is left
+   * and hands its record to the target (`moveFinish`); the witness records the new pair (same
+   * epoch, in sync) together with the catalog; then this primary replicates to the target in the
+   * next term and I/O resumes. The target holds exactly the source's bytes, so nothing needs a
+   * resync. Until the witness grants, a failure leaves the pair as it was. The witness's answer
+   * is awaited however long it takes: resuming with the wrong peer could lose writes.
+   */
+  async moveCutover(request: MoveCutoverRequest, target: PeerEndpoint): Promise<MoveCutoverReply> {
+    const me = this.options.nodeName
+    const { fromNode, toNode } = request
+    const witness = this.options.witness
+    if (this.peer.name === toNode) return { epoch: this.record.epoch } // done (a retried call)
+    if (witness === undefined) {
+      throw new DuplexError(
+        'FAILED_PRECONDITION',
+        `moving a replica of ${this.name} needs the witness`,
+      )
+    }
+    if (fromNode !== this.peer.name || target.name !== toNode || toNode === me) {
+      throw new DuplexError(
+        'INVALID_ARGUMENT',
+        `${this.name} on ${me} pairs with ${this.peer.name}; it cannot move ${fromNode}'s replica to ${toNode}`,
+      )
+    }
+    const role = await this.settled('write')
+    if (
+      role.type !== 'primary' ||
+      role.degraded ||
+      role.forced ||
+      !role.device.connected ||
+      this.peerState !== 'UpToDate'
+    ) {
+      throw new DuplexError(
+        'FAILED_PRECONDITION',
+        `${this.name} on ${me} is not a primary in sync with ${fromNode}; a replica moves only ` +
+          `from a synced pair (role ${role.type}, peer ${this.peerState})`,
+      )
+    }
+    this.gate(`moving ${fromNode}'s replica to ${toNode}`)
+    const started = performance.now()
+    try {
+      await this.drained()
+      await role.device.flush()
+      if (this.role !== role) {
+        throw new DuplexError('UNAVAILABLE', `${this.name} changed role; the move retries`)
+      }
+      const epoch = this.record.epoch
+      const adopted = await this.peer.control.moveFinish(
+        { volume: this.name, fromNode: me, toNode, epoch },
+        moveFinishDeadlineMs,
+      )
+      await this.recordReplacement(witness, {
+        volume: this.name,
+        node: me,
+        epoch,
+        fromNode,
+        toNode,
+      })
+      role.device.close()
+      await role.device.idle()
+      this.peer = target
+      this.peerState = 'unknown'
+      this.peerBootIdInSync = adopted.bootId
+      this.hotSyncPending = false
+      await this.persist({ epoch: nextTerm(epoch), primary: me, state: 'UpToDate' })
+      await this.becomePrimary(false)
+      this.options.log.info('replica moved: replicating to the new node', {
+        volume: this.name,
+        from: fromNode,
+        to: toNode,
+        pausedMs: Math.round(performance.now() - started),
+      })
+      return { epoch: this.record.epoch }
+    } finally {
+      this.ungate()
+    }
+  }
+
+  /** Asks the witness until it answers: granted (returns) or refused for good (throws). */
+  private async recordReplacement(witness: WitnessSession, request: ReplaceRequest): Promise<void> {
+    for (;;) {
+      try {
+        await witness.replaceReplica(request)
+        return
+      } catch (error) {
+        const code = isDuplexError(error) ? error.code : 'IO_ERROR'
+        if (code !== 'UNAVAILABLE' && code !== 'IO_ERROR' && code !== 'SHUTTING_DOWN') throw error
+        if (this.role.type === 'closed') throw error
+        this.options.log.warn(
+          'the witness has not answered about the moved replica; asking again',
+          {
+            volume: this.name,
+            error: errorMessage(error),
+          },
+        )
+        await sleep(moveWitnessRetryMs)
+      }
+    }
+  }
+
   /** Make this node the primary (admin `volume promote`, follow the writer, a rebuilt peer). */
   async promote(force = false): Promise<PromoteReply> {
     if (force) return this.forcePromote()
@@ -560,7 +734,7 @@ export class ReplicaController implements BlockDevice {
     }
     this.gate('promoting')
     try {
-      const reply = await this.options.control.handover({
+      const reply = await this.peer.control.handover({
         volume: this.name,
         epoch: this.record.epoch,
         toNode: this.options.nodeName,
@@ -600,7 +774,7 @@ export class ReplicaController implements BlockDevice {
     if (role.type === 'secondary' && this.failover.peerLeaseValid(performance.now())) {
       throw new DuplexError(
         'FAILED_PRECONDITION',
-        `${this.options.peerName} is reachable and primary of ${this.name}: promote without --force`,
+        `${this.peer.name} is reachable and primary of ${this.name}: promote without --force`,
       )
     }
     if (role.type !== 'primary' && role.type !== 'secondary') {
@@ -651,10 +825,10 @@ export class ReplicaController implements BlockDevice {
         `resolve goes to the node whose replica is discarded, not to ${me} which is kept`,
       )
     }
-    if (request.keep !== this.options.peerName) {
+    if (request.keep !== this.peer.name) {
       throw new DuplexError('INVALID_ARGUMENT', `${request.keep} holds no replica of ${this.name}`)
     }
-    const peer = await this.options.control.describe(this.name, 5000)
+    const peer = await this.peer.control.describe(this.name, 5000)
     if (!peer.exists || peer.state !== 'UpToDate' || peer.primary !== request.keep) {
       throw new DuplexError(
         'FAILED_PRECONDITION',
@@ -778,7 +952,8 @@ export class ReplicaController implements BlockDevice {
   // ---- internals
 
   private async bootstrap(): Promise<void> {
-    const { nodeName, peerName, log } = this.options
+    const { nodeName, log } = this.options
+    const peerName = this.peer.name
     if (this.options.witness !== undefined) await this.options.witness.ready(2000)
     for (;;) {
       if (this.role.type === 'closed') return
@@ -787,7 +962,7 @@ export class ReplicaController implements BlockDevice {
       await this.adoptWitnessRecord()
       let remote: DescribeReply | undefined
       try {
-        remote = await this.options.control.describe(this.name, 2000)
+        remote = await this.peer.control.describe(this.name, 2000)
       } catch (error) {
         if (!isDuplexError(error, 'UNAVAILABLE') && !isDuplexError(error, 'VOLUME_NOT_FOUND')) {
           log.warn('peer cannot describe its replica', {
@@ -835,7 +1010,7 @@ export class ReplicaController implements BlockDevice {
           case 'askPeerToTakeOver':
             log.warn('asking the peer to take over', { volume: this.name, why: decision.reason })
             this.waiting = decision.reason
-            await this.options.control.promote({ volume: this.name })
+            await this.peer.control.promote({ volume: this.name })
             break // describe again: the peer now leads
           case 'wait':
             if (this.waiting !== decision.reason) {
@@ -885,8 +1060,8 @@ export class ReplicaController implements BlockDevice {
       activityLog,
       epoch: this.record.epoch,
       nodeName: this.options.nodeName,
-      peerAddress: this.options.peerAddress,
-      client: this.options.link,
+      peerAddress: this.peer.address,
+      client: this.peer.link,
       incarnation: this.options.incarnation,
       log: log.child(this.name),
       ...(degraded || forced ? { degraded: { dirty: this.dirty } } : {}),
@@ -958,7 +1133,7 @@ export class ReplicaController implements BlockDevice {
   private async checkPeerOnce(device: PrimaryVolume): Promise<void> {
     let peer: DescribeReply
     try {
-      peer = await this.options.control.describe(this.name)
+      peer = await this.peer.control.describe(this.name)
     } catch (error) {
       this.options.log.warn('cannot learn the peer state', { error: errorMessage(error) })
       return
@@ -984,7 +1159,7 @@ export class ReplicaController implements BlockDevice {
     if (plan.type === 'inSync') {
       // Nothing to copy; the peer still hears it, as it serves no reads before (readsLocally).
       try {
-        await this.options.control.syncComplete({
+        await this.peer.control.syncComplete({
           volume: this.name,
           epoch: this.record.epoch,
           fromNode: this.options.nodeName,
@@ -1023,7 +1198,7 @@ export class ReplicaController implements BlockDevice {
         this.options.resyncRateBytes ?? 0,
       )
       await device.flush()
-      await this.options.control.syncComplete({
+      await this.peer.control.syncComplete({
         volume: this.name,
         epoch: this.record.epoch,
         fromNode: this.options.nodeName,
@@ -1068,7 +1243,7 @@ export class ReplicaController implements BlockDevice {
       await witness.report({
         volume: this.name,
         node: me,
-        replicas: [me, this.options.peerName],
+        replicas: [me, this.peer.name],
         epoch: this.record.epoch,
         primary: me,
         inSync,
@@ -1167,6 +1342,7 @@ export class ReplicaController implements BlockDevice {
 
   /** Secondary: reads are served here only from an UpToDate replica whose primary is in touch. */
   private readsLocally(): boolean {
+    if (this.leaving) return false
     if (this.record.state !== 'UpToDate' || this.syncedEpoch !== this.record.epoch) return false
     return this.options.witness === undefined || this.failover.peerLeaseValid(performance.now())
   }
@@ -1305,7 +1481,7 @@ export class ReplicaController implements BlockDevice {
 
   private renewPeerLease(now: number): void {
     const epoch = this.record.epoch
-    this.options.control
+    this.peer.control
       .renewLease(
         { volume: this.name, fromNode: this.options.nodeName, epoch },
         this.failover.timing.peerLease.leaseMs / 2,
@@ -1343,14 +1519,14 @@ export class ReplicaController implements BlockDevice {
       }
       this.failoverFailed(
         error,
-        `${this.options.peerName} is unreachable and the witness did not let this node run alone (${errorMessage(error)})`,
+        `${this.peer.name} is unreachable and the witness did not let this node run alone (${errorMessage(error)})`,
       )
       return
     }
     if (this.role.type !== 'primary' || this.role.device !== device) return
     this.options.log.warn('peer lost: running alone (degraded) by the witness grant', {
       volume: this.name,
-      peer: this.options.peerName,
+      peer: this.peer.name,
       epoch: formatEpoch(grant.epoch),
     })
     const epoch = Math.max(grant.epoch, nextTerm(this.record.epoch))
@@ -1439,14 +1615,14 @@ export class ReplicaController implements BlockDevice {
   private async reattach(device: PrimaryVolume): Promise<void> {
     let peer: DescribeReply
     try {
-      peer = await this.options.control.describe(this.name, peerProbeTimeoutMs)
+      peer = await this.peer.control.describe(this.name, peerProbeTimeoutMs)
     } catch {
       return
     }
     if (!peer.exists || peer.sizeBytes !== this.info.sizeBytes) return
     if (this.forked(peer.history)) return
     this.splitBrain = undefined
-    if (peer.primary === this.options.peerName && peer.epoch > this.record.epoch) {
+    if (peer.primary === this.peer.name && peer.epoch > this.record.epoch) {
       this.options.log.error('the peer runs the volume in a newer epoch: split brain?', {
         volume: this.name,
         peerEpoch: formatEpoch(peer.epoch),
@@ -1457,7 +1633,7 @@ export class ReplicaController implements BlockDevice {
     if (this.role.type !== 'primary' || this.role.device !== device) return
     this.options.log.info('peer is back: replicating again, then resyncing it', {
       volume: this.name,
-      peer: this.options.peerName,
+      peer: this.peer.name,
       dirtyBytes: this.dirty.dirtyBytes,
       resyncBytes: this.resyncBytes,
     })
@@ -1548,11 +1724,11 @@ export class ReplicaController implements BlockDevice {
     const window = this.policy.window(performance.now())
     this.options.log.info('follow the writer: moving the primary role to the peer', {
       volume: this.name,
-      to: this.options.peerName,
+      to: this.peer.name,
       forwardedBytes: window.forwardedBytes,
       localBytes: window.localBytes,
     })
-    this.options.control.promote({ volume: this.name }).then(
+    this.peer.control.promote({ volume: this.name }).then(
       () => {
         this.policy.reset(performance.now())
       },
@@ -1721,7 +1897,7 @@ export class ReplicaController implements BlockDevice {
   private forward(
     request: Pick<ForwardRequest, 'kind' | 'offset' | 'length'> & Partial<ForwardRequest>,
   ): Promise<ForwardReply> {
-    return this.options.control.forward({
+    return this.peer.control.forward({
       volume: this.name,
       fromNode: this.options.nodeName,
       data: Buffer.alloc(0),

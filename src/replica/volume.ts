@@ -69,6 +69,7 @@ export class Volume implements BlockDevice {
   private flushNext: Promise<void> | undefined
   /** Set when the filesystem cannot punch holes: trims and zeroes then write zeros. */
   private punchUnsupported = false
+  private readonly observers = new Set<(offset: number, length: number) => void>()
 
   constructor(
     readonly record: VolumeRecord,
@@ -205,6 +206,17 @@ export class Volume implements BlockDevice {
     }
   }
 
+  /**
+   * Calls `observer` after every write, trim or zero of this volume finished (or failed, having
+   * maybe changed some bytes), with the range it covered, before the range lock is released: a
+   * reader that starts after the call sees the new bytes. A moving replica's copier uses it to
+   * know what to copy again (move.ts). Returns the function that stops the calls.
+   */
+  observeChanges(observer: (offset: number, length: number) => void): () => void {
+    this.observers.add(observer)
+    return () => this.observers.delete(observer)
+  }
+
   /** Runs `fn` holding [offset, offset + length); file errors become DuplexErrors. */
   private async locked(offset: number, length: number, fn: () => Promise<void>): Promise<void> {
     const hold = this.lock.acquire(offset, length)
@@ -214,6 +226,7 @@ export class Volume implements BlockDevice {
     } catch (error) {
       throw fsFailure(`update of ${this.name}`, error)
     } finally {
+      if (length > 0) for (const observer of this.observers) observer(offset, length)
       hold.release()
     }
   }

@@ -14,6 +14,7 @@ import type { Logger } from '../core/log.js'
 import type {
   GrantRequest,
   HandoverGrantRequest,
+  ReplaceRequest,
   ReportRequest,
   VolumeRecord,
 } from '../witness/arbiter.js'
@@ -104,6 +105,10 @@ export class WitnessSession {
 
   async recordHandover(request: HandoverGrantRequest): Promise<VolumeRecord> {
     return this.learn(await this.options.client.recordHandover(request))
+  }
+
+  async replaceReplica(request: ReplaceRequest): Promise<VolumeRecord> {
+    return this.learn(await this.options.client.replaceReplica(request))
   }
 
   async report(request: ReportRequest): Promise<VolumeRecord> {

@@ -6,6 +6,7 @@
  * then decide whether they make sense).
  */
 import type * as grpc from '@grpc/grpc-js'
+import { DuplexError } from '../core/errors.js'
 import type { Logger } from '../core/log.js'
 import {
   assertNoProblem,
@@ -105,6 +106,9 @@ function catalogProblem(catalog: Catalog): Problem {
         ...volume.replicas.map((name) => nameProblem(name, 'replica')),
         nameProblem(volume.primary, 'primary'),
         uintProblem(volume.resyncRateBytes, 'resyncRateBytes'),
+        nameProblem(volume.moveFrom, 'moveFrom', false),
+        nameProblem(volume.moveTo, 'moveTo', false),
+        (volume.moveFrom === '') !== (volume.moveTo === '') ? 'a move needs both ends' : undefined,
       ),
     ),
   )
@@ -164,6 +168,8 @@ function readVolume(message: Fields): CatalogVolume {
     onLostQuorum: readEnum(message, 'onLostQuorum', onLostQuorumValues) ?? 'error',
     resyncRateBytes: readU64(message, 'resyncRateBytes'),
     followTheWriter: readBool(message, 'followTheWriter'),
+    moveFrom: readName(message, 'moveFrom', false),
+    moveTo: readName(message, 'moveTo', false),
   }
 }
 
@@ -189,7 +195,16 @@ function commandProblem(command: CatalogCommand): Problem {
     case 'removeDomain':
     case 'removeNode':
     case 'deleteVolume':
+    case 'cancelMove':
+    case 'drainNode':
       return name
+    case 'moveVolume':
+    case 'completeMove':
+      return firstProblem(
+        name,
+        nameProblem(command.fromNode, 'fromNode'),
+        nameProblem(command.toNode ?? '', 'toNode', false),
+      )
     case 'addNode':
       return firstProblem(
         name,
@@ -257,7 +272,26 @@ function writeCommand(command: CatalogCommand): Fields {
       return { resizeVolume: { name: command.name, sizeBytes: command.sizeBytes } }
     case 'deleteVolume':
       return { deleteVolume: { name: command.name } }
+    case 'moveVolume':
+      return {
+        moveVolume: {
+          name: command.name,
+          fromNode: command.fromNode,
+          toNode: command.toNode ?? '',
+        },
+      }
+    case 'cancelMove':
+      return { cancelMove: { name: command.name } }
+    case 'drainNode':
+      return { drainNode: { name: command.name } }
+    case 'completeMove':
+      // Only the witness completes a move (with the record of the new pair), never a client.
+      return assertNever('completeMove is not an admin command')
   }
+}
+
+function assertNever(why: string): never {
+  throw new DuplexError('INVALID_ARGUMENT', why)
 }
 
 function member(message: Fields, name: string): Fields | undefined {
@@ -266,7 +300,10 @@ function member(message: Fields, name: string): Fields | undefined {
 }
 
 function readCommand(message: Fields): CatalogCommand {
-  const byName = (type: 'removeDomain' | 'removeNode' | 'deleteVolume', fields: Fields) => ({
+  const byName = (
+    type: 'removeDomain' | 'removeNode' | 'deleteVolume' | 'cancelMove' | 'drainNode',
+    fields: Fields,
+  ) => ({
     type,
     name: readName(fields, 'name'),
   })
@@ -325,6 +362,20 @@ function readCommand(message: Fields): CatalogCommand {
   }
   fields = member(message, 'deleteVolume')
   if (fields !== undefined) return byName('deleteVolume', fields)
+  fields = member(message, 'moveVolume')
+  if (fields !== undefined) {
+    const toNode = readName(fields, 'toNode', false)
+    return {
+      type: 'moveVolume',
+      name: readName(fields, 'name'),
+      fromNode: readName(fields, 'fromNode'),
+      ...(toNode === '' ? {} : { toNode }),
+    }
+  }
+  fields = member(message, 'cancelMove')
+  if (fields !== undefined) return byName('cancelMove', fields)
+  fields = member(message, 'drainNode')
+  if (fields !== undefined) return byName('drainNode', fields)
   return fail('no command')
 }
 

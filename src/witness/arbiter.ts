@@ -21,6 +21,10 @@
  *   and say whether its peer is in sync (after a resync); a higher generation than the witness
  *   knows is adopted (the witness lost its disk, or an admin forced a promotion); anything else
  *   changes nothing and the node learns the witness's record from the reply.
+ * - `replace`: a replica moved (`duplex volume move`, `node drain`). The owner, in sync, paused,
+ *   with the moving replica copied byte for byte to its new node, records the new pair. Same
+ *   epoch, still in sync: the new replica holds exactly what the old one did, and the old one
+ *   can no longer ask for anything (it is not a replica any more).
  * - Retried grants are idempotent: a sole owner asking again gets its record back.
  * - After a restart (construction) the arbiter grants nothing until every lease a node may hold
  *   from before has expired: one lease period plus margins.
@@ -59,6 +63,16 @@ export interface HandoverGrantRequest {
   fromNode: string
   toNode: string
   epoch: number
+}
+
+export interface ReplaceRequest {
+  volume: string
+  /** The owner, which asks. */
+  node: string
+  epoch: number
+  /** The replica that moved away, and the node that holds it now. */
+  fromNode: string
+  toNode: string
 }
 
 export interface ReportRequest {
@@ -229,6 +243,37 @@ export class Arbiter {
       return stale({ volume, node: fromNode, epoch }, record)
     }
     return granted({ ...record, epoch: next(epoch, record), owner: toNode, inSync: true })
+  }
+
+  replace(request: ReplaceRequest, now: number): Decision {
+    const known = this.known(request.volume, now)
+    if (!known.ok) return known
+    const { record } = known
+    const { volume, node, epoch, fromNode, toNode } = request
+    const pair = sortedPair([node, toNode])
+    if (pair === undefined || fromNode === toNode || fromNode === node) {
+      return refuse(
+        'INVALID_ARGUMENT',
+        `${node} cannot replace ${fromNode} by ${toNode} in ${volume}: three different nodes are needed`,
+      )
+    }
+    const done = record.replicas[0] === pair[0] && record.replicas[1] === pair[1]
+    if (done && record.owner === node && record.epoch === epoch) return unchanged(record)
+    if (!record.replicas.includes(fromNode)) return notAReplica(fromNode, record)
+    if (record.owner !== node || record.epoch !== epoch) {
+      return refuse(
+        'FAILED_PRECONDITION',
+        `${node} cannot move ${volume}'s replica in epoch ${formatEpoch(epoch)}: ` +
+          `${record.owner} owns it in epoch ${formatEpoch(record.epoch)}`,
+      )
+    }
+    if (!record.inSync) {
+      return refuse(
+        'FAILED_PRECONDITION',
+        `${volume} is not in sync (${node} runs it alone); a replica moves only from a synced pair`,
+      )
+    }
+    return granted({ ...record, replicas: pair })
   }
 
   report(request: ReportRequest): Decision {

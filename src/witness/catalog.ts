@@ -55,6 +55,13 @@ export interface CatalogVolume {
   /** Bytes per second a resync may copy (0: unlimited). */
   resyncRateBytes: number
   followTheWriter: boolean
+  /**
+   * A replica move under way (`duplex volume move`, `node drain`): the replica on `moveFrom` is
+   * being copied to `moveTo` ('' and '': none). The nodes carry it out; the witness completes it
+   * (`completeMove`) in the same durable write that records the new pair.
+   */
+  moveFrom: string
+  moveTo: string
 }
 
 export interface Catalog {
@@ -94,6 +101,14 @@ export type CatalogCommand =
     }
   | { type: 'resizeVolume'; name: string; sizeBytes: number }
   | { type: 'deleteVolume'; name: string }
+  /** Rebuild the replica on `fromNode` on another node of its domain (`toNode`, or placement's). */
+  | { type: 'moveVolume'; name: string; fromNode: string; toNode?: string | undefined }
+  /** Stop a move that has not completed (the copy on the target is deleted). */
+  | { type: 'cancelMove'; name: string }
+  /** The node receives no more replicas, and every replica on it moves within its domain. */
+  | { type: 'drainNode'; name: string }
+  /** The witness only, with the record of the new pair: the move is done. */
+  | { type: 'completeMove'; name: string; fromNode: string; toNode: string }
 
 export type CatalogResult =
   { ok: true; catalog: Catalog; changed: boolean } | { ok: false; code: ErrorCode; message: string }
@@ -142,6 +157,7 @@ export function placementView(catalog: Catalog, context: CatalogContext): Cluste
       name: volume.name,
       sizeBytes: volume.sizeBytes,
       replicas: volume.replicas,
+      ...(volume.moveTo === '' ? {} : { incoming: volume.moveTo }),
     })),
   }
 }
@@ -166,6 +182,7 @@ export function clusterJsonOf(catalog: Catalog, witness: string): unknown {
       followTheWriter: volume.followTheWriter,
       onLostQuorum: volume.onLostQuorum,
       ...(volume.resyncRateBytes > 0 ? { resyncRate: volume.resyncRateBytes } : {}),
+      ...(volume.moveTo === '' ? {} : { move: { from: volume.moveFrom, to: volume.moveTo } }),
     })),
   }
 }
@@ -188,6 +205,14 @@ function apply(catalog: Catalog, command: CatalogCommand, context: CatalogContex
       return resizeVolume(catalog, command, context)
     case 'deleteVolume':
       return deleteVolume(catalog, command.name)
+    case 'moveVolume':
+      return moveVolume(catalog, command, context)
+    case 'cancelMove':
+      return cancelMove(catalog, command.name)
+    case 'drainNode':
+      return drainNode(catalog, command.name, context)
+    case 'completeMove':
+      return completeMove(catalog, command)
   }
 }
 
@@ -316,7 +341,9 @@ function removeNode(catalog: Catalog, name: string): Catalog {
   if (!catalog.nodes.some((node) => node.name === name)) {
     refuse('NOT_FOUND', `there is no node ${name}`)
   }
-  const held = catalog.volumes.filter((volume) => volume.replicas.includes(name))
+  const held = catalog.volumes.filter(
+    (volume) => volume.replicas.includes(name) || volume.moveTo === name,
+  )
   if (held.length > 0) {
     refuse(
       'FAILED_PRECONDITION',
@@ -396,6 +423,8 @@ function createVolume(
     onLostQuorum,
     resyncRateBytes,
     followTheWriter: command.followTheWriter ?? false,
+    moveFrom: '',
+    moveTo: '',
   }
   return { ...catalog, volumes: [...catalog.volumes, volume] }
 }
@@ -430,4 +459,130 @@ function deleteVolume(catalog: Catalog, name: string): Catalog {
     refuse('VOLUME_NOT_FOUND', `there is no volume ${name}`)
   }
   return { ...catalog, volumes: catalog.volumes.filter((volume) => volume.name !== name) }
+}
+
+function findVolume(catalog: Catalog, name: string): CatalogVolume {
+  const volume = catalog.volumes.find((each) => each.name === name)
+  return volume ?? refuse('VOLUME_NOT_FOUND', `there is no volume ${name}`)
+}
+
+function replaceVolume(catalog: Catalog, volume: CatalogVolume): Catalog {
+  return {
+    ...catalog,
+    volumes: catalog.volumes.map((each) => (each.name === volume.name ? volume : each)),
+  }
+}
+
+function moveVolume(
+  catalog: Catalog,
+  command: Extract<CatalogCommand, { type: 'moveVolume' }>,
+  context: CatalogContext,
+): Catalog {
+  const volume = findVolume(catalog, command.name)
+  const { fromNode, toNode } = command
+  if (volume.moveTo !== '') {
+    if (volume.moveFrom === fromNode && (toNode === undefined || toNode === volume.moveTo)) {
+      return catalog // asked again
+    }
+    refuse(
+      'FAILED_PRECONDITION',
+      `${volume.name} is moving from ${volume.moveFrom} to ${volume.moveTo} already; ` +
+        `wait for it, or stop it: duplex volume move ${volume.name} --cancel`,
+    )
+  }
+  const result = place(placementView(catalog, context), {
+    type: 'move',
+    volume: volume.name,
+    fromNode,
+    toNode,
+  })
+  if (!result.ok) refuse('FAILED_PRECONDITION', `cannot move ${volume.name}: ${result.reason}`)
+  const [planned] = result.plan.type === 'moves' ? result.plan.moves : []
+  if (planned === undefined) return refuse('IO_ERROR', 'placement answered with another plan')
+  return replaceVolume(catalog, { ...volume, moveFrom: fromNode, moveTo: planned.toNode })
+}
+
+function cancelMove(catalog: Catalog, name: string): Catalog {
+  const volume = findVolume(catalog, name)
+  if (volume.moveTo === '') return catalog
+  const from = catalog.nodes.find((node) => node.name === volume.moveFrom)
+  if (from?.state === 'draining') {
+    refuse(
+      'FAILED_PRECONDITION',
+      `${volume.moveFrom} is draining: its replicas must move (remove the node from the ` +
+        `catalog only once it holds none)`,
+    )
+  }
+  return replaceVolume(catalog, { ...volume, moveFrom: '', moveTo: '' })
+}
+
+function drainNode(catalog: Catalog, name: string, context: CatalogContext): Catalog {
+  const node = catalog.nodes.find((each) => each.name === name)
+  if (node === undefined) refuse('NOT_FOUND', `there is no node ${name}`)
+  // Moves already under way away from the node stay as they are: plan as if they were done.
+  const view = placementView(catalog, context)
+  const settled: ClusterView = {
+    ...view,
+    volumes: catalog.volumes.map((volume) => ({
+      name: volume.name,
+      sizeBytes: volume.sizeBytes,
+      replicas:
+        volume.moveFrom === name
+          ? [
+              volume.replicas[0] === name ? volume.moveTo : volume.replicas[0],
+              volume.replicas[1] === name ? volume.moveTo : volume.replicas[1],
+            ]
+          : volume.replicas,
+      ...(volume.moveTo === '' || volume.moveFrom === name ? {} : { incoming: volume.moveTo }),
+    })),
+  }
+  const blocked = catalog.volumes.filter(
+    (volume) =>
+      volume.moveTo === name ||
+      (volume.replicas.includes(name) && volume.moveTo !== '' && volume.moveFrom !== name),
+  )
+  if (blocked.length > 0) {
+    refuse(
+      'FAILED_PRECONDITION',
+      `${name} takes part in moves under way (${blocked.map((v) => v.name).join(', ')}); ` +
+        `drain it once those complete`,
+    )
+  }
+  const result = place(settled, { type: 'drain', node: name })
+  if (!result.ok) refuse('FAILED_PRECONDITION', result.reason)
+  const moves = result.plan.type === 'moves' ? result.plan.moves : []
+  if (node.state === 'draining' && moves.length === 0) return catalog
+  let next = replaceNode(catalog, { ...node, state: 'draining' })
+  for (const move of moves) {
+    next = replaceVolume(next, {
+      ...findVolume(next, move.volume),
+      moveFrom: move.fromNode,
+      moveTo: move.toNode,
+    })
+  }
+  return next
+}
+
+function completeMove(
+  catalog: Catalog,
+  command: Extract<CatalogCommand, { type: 'completeMove' }>,
+): Catalog {
+  const volume = findVolume(catalog, command.name)
+  const { fromNode, toNode } = command
+  if (volume.replicas.includes(toNode) && !volume.replicas.includes(fromNode)) return catalog
+  if (volume.moveFrom !== fromNode || volume.moveTo !== toNode) {
+    refuse(
+      'FAILED_PRECONDITION',
+      `the catalog does not move ${volume.name}'s replica from ${fromNode} to ${toNode}` +
+        (volume.moveTo === '' ? '' : ` (it moves from ${volume.moveFrom} to ${volume.moveTo})`),
+    )
+  }
+  const swap = (node: string): string => (node === fromNode ? toNode : node)
+  return replaceVolume(catalog, {
+    ...volume,
+    replicas: [swap(volume.replicas[0]), swap(volume.replicas[1])],
+    primary: swap(volume.primary),
+    moveFrom: '',
+    moveTo: '',
+  })
 }

@@ -25,7 +25,13 @@ import {
   UnaryClient,
 } from '../core/unary-rpc.js'
 import type { Fields, Problem, Rpc, RpcCodec } from '../core/unary-rpc.js'
-import type { GrantRequest, HandoverGrantRequest, ReportRequest, VolumeRecord } from './arbiter.js'
+import type {
+  GrantRequest,
+  HandoverGrantRequest,
+  ReplaceRequest,
+  ReportRequest,
+  VolumeRecord,
+} from './arbiter.js'
 import { leaseTimingProblem } from './lease.js'
 import type { LeaseTiming } from './lease.js'
 
@@ -53,6 +59,7 @@ export interface WitnessHandlers {
   degrade(request: GrantRequest): Promise<VolumeRecord>
   takeover(request: GrantRequest): Promise<VolumeRecord>
   recordHandover(request: HandoverGrantRequest): Promise<VolumeRecord>
+  replaceReplica(request: ReplaceRequest): Promise<VolumeRecord>
   status(): Promise<WitnessStatus>
 }
 
@@ -97,6 +104,14 @@ function handoverProblem(request: HandoverGrantRequest): Problem {
     nameProblem(request.fromNode, 'fromNode'),
     nameProblem(request.toNode, 'toNode'),
     uintProblem(request.epoch, 'epoch'),
+  )
+}
+
+function replaceProblem(request: ReplaceRequest): Problem {
+  return firstProblem(
+    grantRequestProblem(request),
+    nameProblem(request.fromNode, 'fromNode'),
+    nameProblem(request.toNode, 'toNode'),
   )
 }
 
@@ -224,6 +239,19 @@ const recordHandoverRpc = rpc<HandoverGrantRequest, VolumeRecord>('RecordHandove
   ...recordReply,
 })
 
+const replaceReplicaRpc = rpc<ReplaceRequest, VolumeRecord>('ReplaceReplica', {
+  requestProblem: replaceProblem,
+  writeRequest: (request) => ({ ...request }),
+  readRequest: (message) => ({
+    volume: readName(message, 'volume'),
+    node: readName(message, 'node'),
+    epoch: readU64(message, 'epoch'),
+    fromNode: readName(message, 'fromNode'),
+    toNode: readName(message, 'toNode'),
+  }),
+  ...recordReply,
+})
+
 const statusRpc = rpc<Record<string, never>, WitnessStatus>('Status', {
   requestProblem: () => undefined,
   writeRequest: () => ({}),
@@ -266,6 +294,7 @@ export const witnessService: grpc.ServiceDefinition = {
   Degrade: method(degradeRpc),
   Takeover: method(takeoverRpc),
   RecordHandover: method(recordHandoverRpc),
+  ReplaceReplica: method(replaceReplicaRpc),
   Status: method(statusRpc),
 }
 
@@ -284,6 +313,12 @@ export function addWitnessService(
     RecordHandover: unary(
       recordHandoverRpc,
       (request) => handlers.recordHandover(request),
+      log,
+      where,
+    ),
+    ReplaceReplica: unary(
+      replaceReplicaRpc,
+      (request) => handlers.replaceReplica(request),
       log,
       where,
     ),
@@ -347,6 +382,10 @@ export class WitnessClient {
 
   recordHandover(request: HandoverGrantRequest, deadlineMs?: number): Promise<VolumeRecord> {
     return this.client.invoke(recordHandoverRpc, request, deadlineMs)
+  }
+
+  replaceReplica(request: ReplaceRequest, deadlineMs?: number): Promise<VolumeRecord> {
+    return this.client.invoke(replaceReplicaRpc, request, deadlineMs)
   }
 
   status(deadlineMs?: number): Promise<WitnessStatus> {

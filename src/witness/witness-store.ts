@@ -75,11 +75,21 @@ export class WitnessStore {
     )
   }
 
+  /** A volume's record and the catalog together (a replica moved): one synced batch. */
+  async putRecordAndCatalog(record: VolumeRecord, catalog: Catalog): Promise<void> {
+    await this.meta.batch(
+      [
+        { type: 'put', key: volumePrefix + record.volume, value: recordBytes(record) },
+        { type: 'put', key: catalogKey, value: encodeCatalog(catalog) },
+      ],
+      { sync: true },
+    )
+  }
+
   /** Durable when the promise resolves. */
   async put(record: VolumeRecord): Promise<void> {
     const key = volumePrefix + record.volume
-    const value = Buffer.from(JSON.stringify(record))
-    await this.meta.batch([{ type: 'put', key, value }], { sync: true })
+    await this.meta.batch([{ type: 'put', key, value: recordBytes(record) }], { sync: true })
   }
 
   async close(): Promise<void> {
@@ -89,6 +99,10 @@ export class WitnessStore {
       await this.lock.close()
     }
   }
+}
+
+function recordBytes(record: VolumeRecord): Buffer {
+  return Buffer.from(JSON.stringify(record))
 }
 
 function parseRecord(key: string, value: Buffer): VolumeRecord {

@@ -354,3 +354,87 @@ t.test('requests from a generation the witness does not know are refused', async
   })
   t.same(grant(t, reported), { ...inSync(3 * G, 'b'), inSync: false }, 'a report is adopted')
 })
+
+t.test('replace: the owner of an in-sync pair records a moved replica, same epoch', async (t) => {
+  const epoch = G + 3
+  const witness = arbiter(inSync(epoch))
+  const request = { volume: 'v', node: 'a', epoch, fromNode: 'b', toNode: 'c' }
+  const moved = grant(t, witness.replace(request, awake))
+  t.same(moved, { volume: 'v', replicas: ['a', 'c'], epoch, owner: 'a', inSync: true })
+  witness.apply(moved)
+  const again = witness.replace(request, awake)
+  t.ok(again.ok && again.change === undefined, 'a retry gets the record back, unchanged')
+  // The replica that left can ask for nothing any more.
+  refused(
+    t,
+    witness.takeover({ volume: 'v', node: 'b', epoch }, awake + 10 * timing.leaseMs),
+    'INVALID_ARGUMENT',
+    /b holds no replica of v \(a and c do\)/,
+  )
+  refused(
+    t,
+    witness.report({
+      volume: 'v',
+      node: 'b',
+      replicas: ['a', 'b'],
+      epoch,
+      primary: 'a',
+      inSync: true,
+    }),
+    'INVALID_ARGUMENT',
+    /v has replicas on a and c at the witness, not a and b/,
+  )
+  // The new replica may take over once the owner is gone: it holds every write.
+  const taken = grant(
+    t,
+    witness.takeover({ volume: 'v', node: 'c', epoch }, awake + 10 * timing.leaseMs),
+  )
+  t.equal(taken.owner, 'c')
+})
+
+t.test('replace: refused unless the owner asks, in its epoch, with the pair in sync', async (t) => {
+  const epoch = G + 3
+  const base = { volume: 'v', epoch, fromNode: 'b', toNode: 'c' }
+  refused(
+    t,
+    arbiter(inSync(epoch)).replace({ ...base, node: 'b', fromNode: 'a' }, awake),
+    'FAILED_PRECONDITION',
+    /b cannot move v's replica in epoch 1\.3: a owns it/,
+  )
+  refused(
+    t,
+    arbiter(inSync(epoch)).replace({ ...base, node: 'a', epoch: epoch - 1 }, awake),
+    'FAILED_PRECONDITION',
+    /a owns it in epoch 1\.3/,
+  )
+  refused(
+    t,
+    arbiter({ ...inSync(epoch), inSync: false }).replace({ ...base, node: 'a' }, awake),
+    'FAILED_PRECONDITION',
+    /v is not in sync \(a runs it alone\); a replica moves only from a synced pair/,
+  )
+  refused(
+    t,
+    arbiter(inSync(epoch)).replace({ ...base, node: 'a', fromNode: 'x' }, awake),
+    'INVALID_ARGUMENT',
+    /x holds no replica of v/,
+  )
+  refused(
+    t,
+    arbiter(inSync(epoch)).replace({ ...base, node: 'a', toNode: 'a' }, awake),
+    'INVALID_ARGUMENT',
+    /three different nodes/,
+  )
+  refused(
+    t,
+    arbiter(inSync(epoch)).replace({ ...base, node: 'a', toNode: 'b' }, awake),
+    'INVALID_ARGUMENT',
+    /three different nodes/,
+  )
+  refused(
+    t,
+    arbiter(inSync(epoch)).replace({ ...base, node: 'a' }, 0),
+    'UNAVAILABLE',
+    /the witness restarted/,
+  )
+})

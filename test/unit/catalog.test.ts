@@ -62,6 +62,8 @@ t.test('a cluster built from nothing: every change counts a revision', async (t)
       onLostQuorum: 'error',
       resyncRateBytes: 0,
       followTheWriter: false,
+      moveFrom: '',
+      moveTo: '',
     },
   ])
   const deleted = run([{ type: 'deleteVolume', name: 'vm1' }], created)
@@ -249,4 +251,157 @@ t.test('a node follows the catalog as a cluster file, checked by the same parser
     resyncRateBytes: 100e6,
     followTheWriter: false,
   })
+})
+
+/** Two nodes per data site (a1 and a2 in site-a, b1 and b2 in site-b), two volumes on a1. */
+function fourNodes(a2GiB = 30): Catalog {
+  return run([
+    { type: 'addDomain', name: 'site-a', kind: 'data' },
+    { type: 'addDomain', name: 'site-b', kind: 'data' },
+    { type: 'addDomain', name: 'site-w', kind: 'witness' },
+    ...['a1', 'a2', 'b1', 'b2'].flatMap((name, i): CatalogCommand[] => [
+      {
+        type: 'addNode',
+        name,
+        domain: name.startsWith('a') ? 'site-a' : 'site-b',
+        replication: `127.0.0.1:${20000 + i}`,
+        capacityBytes: (name === 'a2' ? a2GiB : 100) * GiB,
+      },
+      { type: 'registerNode', name, nbd: `127.0.0.1:${21000 + i}`, capacityBytes: 0 },
+    ]),
+    { type: 'createVolume', name: 'v1', sizeBytes: 20 * GiB, preferredDomain: 'site-a' },
+    { type: 'createVolume', name: 'v2', sizeBytes: 15 * GiB, preferredDomain: 'site-a' },
+  ])
+}
+
+t.test(
+  'volume move: within the domain, to the node with most space or the one named',
+  async (t) => {
+    const catalog = fourNodes()
+    const [v1] = catalog.volumes
+    t.same(v1?.replicas, ['a1', 'b1'], 'placed on the largest nodes')
+    const moved = run([{ type: 'moveVolume', name: 'v1', fromNode: 'b1' }], catalog)
+    t.match(moved.volumes[0], { replicas: ['a1', 'b1'], moveFrom: 'b1', moveTo: 'b2' })
+    t.equal(
+      run([{ type: 'moveVolume', name: 'v1', fromNode: 'b1' }], moved).revision,
+      moved.revision,
+      'asked again: no change',
+    )
+    t.match(refusal(moved, { type: 'moveVolume', name: 'v1', fromNode: 'a1' }), {
+      code: 'FAILED_PRECONDITION',
+      message:
+        /v1 is moving from b1 to b2 already; wait for it, or stop it: duplex volume move v1 --cancel/,
+    })
+    t.match(refusal(catalog, { type: 'moveVolume', name: 'v1', fromNode: 'a1', toNode: 'b2' }), {
+      code: 'FAILED_PRECONDITION',
+      message: /b2 is in site-b; a replica moves within its domain \(site-a\)/,
+    })
+    t.match(refusal(catalog, { type: 'moveVolume', name: 'v1', fromNode: 'b2' }), {
+      message: /v1 has no replica on b2/,
+    })
+    t.match(refusal(catalog, { type: 'moveVolume', name: 'nope', fromNode: 'b2' }), {
+      code: 'VOLUME_NOT_FOUND',
+    })
+    // The incoming copy takes space on its target: a second volume cannot squeeze in after it.
+    const both = run([{ type: 'moveVolume', name: 'v1', fromNode: 'a1' }], catalog)
+    t.match(both.volumes[0], { moveFrom: 'a1', moveTo: 'a2' })
+    t.match(refusal(both, { type: 'moveVolume', name: 'v2', fromNode: 'a1', toNode: 'a2' }), {
+      message: /a2 has 10\.0 GiB free, v2 needs 15\.0 GiB/,
+    })
+    t.match(refusal(both, { type: 'removeNode', name: 'a2' }), {
+      code: 'FAILED_PRECONDITION',
+      message: /holds replicas of v1/,
+    })
+
+    // Completed by the witness: the new pair, the old node gone from it.
+    const done = run([{ type: 'completeMove', name: 'v1', fromNode: 'b1', toNode: 'b2' }], moved)
+    t.match(done.volumes[0], { replicas: ['a1', 'b2'], moveFrom: '', moveTo: '' })
+    t.equal(
+      run([{ type: 'completeMove', name: 'v1', fromNode: 'b1', toNode: 'b2' }], done).revision,
+      done.revision,
+      'completed again (a retried grant): no change',
+    )
+    t.match(refusal(catalog, { type: 'completeMove', name: 'v1', fromNode: 'b1', toNode: 'b2' }), {
+      code: 'FAILED_PRECONDITION',
+      message: /the catalog does not move v1's replica from b1 to b2/,
+    })
+    const fromPrimary = run(
+      [{ type: 'completeMove', name: 'v1', fromNode: 'a1', toNode: 'a2' }],
+      both,
+    )
+    t.match(fromPrimary.volumes[0], { replicas: ['a2', 'b1'], primary: 'a2' })
+    t.same(catalog.volumes[1]?.replicas, ['a1', 'b2'], 'v2 went to the emptier node of site-b')
+
+    const cancelled = run([{ type: 'cancelMove', name: 'v1' }], moved)
+    t.match(cancelled.volumes[0], { replicas: ['a1', 'b1'], moveFrom: '', moveTo: '' })
+    t.equal(run([{ type: 'cancelMove', name: 'v1' }], cancelled).revision, cancelled.revision)
+  },
+)
+
+t.test(
+  'node drain: every replica moves within its domain; the node receives nothing',
+  async (t) => {
+    const catalog = fourNodes(40)
+    const draining = run([{ type: 'drainNode', name: 'a1' }], catalog)
+    t.match(
+      draining.nodes.find((node) => node.name === 'a1'),
+      { state: 'draining' },
+    )
+    t.same(
+      draining.volumes.map((volume) => [volume.name, volume.moveFrom, volume.moveTo]),
+      [
+        ['v1', 'a1', 'a2'],
+        ['v2', 'a1', 'a2'],
+      ],
+    )
+    t.equal(run([{ type: 'drainNode', name: 'a1' }], draining).revision, draining.revision)
+    t.match(refusal(draining, { type: 'cancelMove', name: 'v1' }), {
+      message: /a1 is draining: its replicas must move/,
+    })
+    t.match(
+      refusal(draining, { type: 'createVolume', name: 'v3', sizeBytes: 60 * GiB }),
+      { code: 'FAILED_PRECONDITION' },
+      'a draining node receives no new volume (a2 is too small for it)',
+    )
+    t.match(refusal(draining, { type: 'drainNode', name: 'a2' }), {
+      code: 'FAILED_PRECONDITION',
+      message: /a2 takes part in moves under way \(v1, v2\); drain it once those complete/,
+    })
+    // Too little room in the domain: refused with the reason, nothing changes.
+    const tight = run(
+      [{ type: 'createVolume', name: 'v3', sizeBytes: 25 * GiB, preferredDomain: 'site-a' }],
+      catalog,
+    )
+    const refusedDrain = refusal(tight, { type: 'drainNode', name: 'a1' })
+    t.match(refusedDrain, {
+      code: 'FAILED_PRECONDITION',
+      message: /cannot drain a1: .*site-a/,
+    })
+    const afterMoves = run(
+      [
+        { type: 'completeMove', name: 'v1', fromNode: 'a1', toNode: 'a2' },
+        { type: 'completeMove', name: 'v2', fromNode: 'a1', toNode: 'a2' },
+      ],
+      draining,
+    )
+    t.same(
+      afterMoves.volumes.map((volume) => volume.replicas),
+      [
+        ['a2', 'b1'],
+        ['a2', 'b2'],
+      ],
+    )
+    const removed = run([{ type: 'removeNode', name: 'a1' }], afterMoves)
+    t.notOk(
+      removed.nodes.some((node) => node.name === 'a1'),
+      'a drained node can be removed',
+    )
+  },
+)
+
+t.test('a move reaches the nodes in the cluster file form', async (t) => {
+  const moved = run([{ type: 'moveVolume', name: 'v1', fromNode: 'b1' }], fourNodes())
+  const config = parseClusterConfig(clusterJsonOf(moved, '127.0.0.1:10815'), 'x')
+  t.same(config.volumes[0]?.move, { from: 'b1', to: 'b2' })
+  t.equal(config.volumes[1]?.move, undefined)
 })

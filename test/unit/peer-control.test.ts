@@ -23,6 +23,13 @@ import {
   peerService,
 } from '../../src/replica/peer-control.js'
 import type {
+  MoveAdoptReply,
+  MoveAdoptRequest,
+  MoveBeginRequest,
+  MoveCutoverReply,
+  MoveCutoverRequest,
+  MoveFinishRequest,
+  MoveWriteRequest,
   DescribeReply,
   ForwardReply,
   ForwardRequest,
@@ -93,6 +100,8 @@ class FakeNode implements PeerControlHandlers {
         history: [{ generation: 1, owner: 'x', forced: false }],
         syncBytesDone: 1,
         syncBytesTotal: 2,
+        moveBytesDone: 1,
+        moveBytesTotal: 3,
       }
     }
     return {
@@ -111,6 +120,8 @@ class FakeNode implements PeerControlHandlers {
       ],
       syncBytesDone: 2 ** 40,
       syncBytesTotal: 2 ** 50,
+      moveBytesDone: 5,
+      moveBytesTotal: 2 ** 45,
     }
   }
 
@@ -151,6 +162,29 @@ class FakeNode implements PeerControlHandlers {
 
   async syncComplete(request: SyncCompleteRequest): Promise<void> {
     await this.enter('syncComplete', request)
+  }
+
+  async moveBegin(request: MoveBeginRequest): Promise<void> {
+    await this.enter('moveBegin', request)
+  }
+
+  async moveWrite(request: MoveWriteRequest): Promise<void> {
+    await this.enter('moveWrite', { ...request, data: Buffer.from(request.data) })
+  }
+
+  async moveAdopt(request: MoveAdoptRequest): Promise<MoveAdoptReply> {
+    await this.enter('moveAdopt', request)
+    return { bootId: 'boot-1' }
+  }
+
+  async moveCutover(request: MoveCutoverRequest): Promise<MoveCutoverReply> {
+    await this.enter('moveCutover', request)
+    return { epoch: request.epoch + 1 }
+  }
+
+  async moveFinish(request: MoveFinishRequest): Promise<MoveAdoptReply> {
+    await this.enter('moveFinish', request)
+    return { bootId: '' }
   }
 }
 
@@ -194,7 +228,12 @@ async function failure(promise: Promise<unknown>): Promise<DuplexError> {
 }
 
 /** A raw unary call to the Peer service, bypassing the typed client; the decoded reply. */
-async function rawCall(address: string, rpc: string, bytes: Uint8Array): Promise<unknown> {
+async function rawCall(
+  address: string,
+  rpc: string,
+  bytes: Uint8Array,
+  replyType = `${rpc}Reply`,
+): Promise<unknown> {
   const client = new grpc.Client(address, grpc.credentials.createInsecure())
   try {
     const reply = await new Promise<Buffer>((resolve, reject) => {
@@ -210,7 +249,7 @@ async function rawCall(address: string, rpc: string, bytes: Uint8Array): Promise
         },
       )
     })
-    const type = messageType(`${rpc}Reply`)
+    const type = messageType(replyType)
     return type.toObject(type.decode(reply))
   } finally {
     client.close()
@@ -248,6 +287,8 @@ void t.test('every call round-trips its fields', async (t) => {
     ],
     syncBytesDone: 2 ** 40,
     syncBytesTotal: 2 ** 50,
+    moveBytesDone: 5,
+    moveBytesTotal: 2 ** 45,
   })
   t.same(
     await client.describe('missing'),
@@ -264,6 +305,8 @@ void t.test('every call round-trips its fields', async (t) => {
       history: [],
       syncBytesDone: 0,
       syncBytesTotal: 0,
+      moveBytesDone: 0,
+      moveBytesTotal: 0,
     },
     'a volume the peer does not hold: the other fields are not sent',
   )
@@ -637,6 +680,67 @@ void t.test(
     t.equal(unknown.message, 'peer failed with unknown code BOGUS: m')
     const huge = await failure(client.syncComplete({ volume: 'v', epoch: 1, fromNode: 'a' }))
     t.equal(huge.message, 'peer sent a malformed reply: error message longer than 4096 bytes')
+  },
+)
+
+void t.test(
+  'the move calls round-trip, checksum the copied bytes and refuse bad pieces',
+  async (t) => {
+    const { node, client, address } = await startPeer(t)
+    await client.moveBegin({ volume: 'v', fromNode: 'a1', sizeBytes: 2 ** 40 })
+    const data = Buffer.from('a moving replica')
+    const piece = { volume: 'v', fromNode: 'a1', offset: 2 ** 41, length: data.length, data }
+    await client.moveWrite({ ...piece, hole: false })
+    await client.moveWrite({ ...piece, data: Buffer.alloc(0), length: 2 ** 30, hole: true })
+    const record = {
+      volume: 'v',
+      fromNode: 'a1',
+      epoch: 2 ** 40 + 3,
+      primary: 'b1',
+      state: 'UpToDate' as const,
+      history: [{ generation: 7, owner: 'b1', forced: false }],
+    }
+    t.same(await client.moveAdopt(record), { bootId: 'boot-1' })
+    const step = { volume: 'v', fromNode: 'a1', toNode: 'a2', epoch: 9 }
+    t.same(await client.moveCutover(step), { epoch: 10 })
+    t.same(await client.moveFinish(step), { bootId: '' })
+    t.same(
+      node.calls.map((call) => call.rpc),
+      ['moveBegin', 'moveWrite', 'moveWrite', 'moveAdopt', 'moveCutover', 'moveFinish'],
+    )
+    t.same(node.calls[1]?.request, { ...piece, hole: false }, 'the bytes arrive as sent')
+    t.same(node.calls[3]?.request, record)
+
+    const refused = [
+      { ...piece, length: data.length + 1, hole: false },
+      { ...piece, hole: true },
+      { ...piece, data: Buffer.alloc(0), length: 0, hole: true },
+    ]
+    for (const request of refused) {
+      await t.rejects(
+        client.moveWrite(request),
+        AssertionError,
+        'the client sends no malformed piece',
+      )
+    }
+    // A piece whose bytes do not match their checksum never reaches the handler.
+    const xxh64 = await loadXxh64()
+    const bytes = messageType('MoveWriteRequest')
+      .encode({ ...piece, offset: 0, xxh64: longBits(xxh64(Buffer.from('something else'))) })
+      .finish()
+    const reply = (await rawCall(address, 'MoveWrite', bytes, 'MoveWriteReply')) as {
+      error?: { code: string; message: string }
+    }
+    t.equal(reply.error?.code, 'CHECKSUM_MISMATCH')
+    t.match(reply.error?.message, /failed its xxh64 check/)
+    const hole = messageType('MoveWriteRequest')
+      .encode({ ...piece, hole: true, xxh64: longBits(xxh64(data)) })
+      .finish()
+    const malformed = (await rawCall(address, 'MoveWrite', hole, 'MoveWriteReply')) as {
+      error?: { code: string; message: string }
+    }
+    t.equal(malformed.error?.code, 'INVALID_ARGUMENT', 'a hole with data is refused')
+    t.equal(node.calls.length, 6, 'no handler saw the corrupt or malformed pieces')
   },
 )
 

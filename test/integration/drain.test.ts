@@ -1,0 +1,244 @@
+/**
+ * Draining a node and moving a replica, against real processes: a witness and four nodes in two
+ * sites, built with the CLI. While a verifying writer keeps writing through the site that stays,
+ * `duplex node drain` moves every replica off a node of the other site (one of them its primary)
+ * to the other node of that site; the writer sees no error, every acknowledged write reads back
+ * through the new node, the replicas compare equal, and the drained node deletes its data.
+ * `duplex volume move` then moves a replica back, and bad moves are refused without a change.
+ */
+import t from 'tap'
+import type { Test } from 'tap'
+import fs from 'node:fs/promises'
+import {
+  duplex,
+  freePorts,
+  missingTools,
+  run,
+  spawnDaemon,
+  startWitness,
+  tempDir,
+  until,
+} from '../lib/node-process.js'
+import type { DaemonProcess, RunResult } from '../lib/node-process.js'
+import { SteadyWriter } from '../lib/steady-writer.js'
+
+const skip = await missingTools(['qemu-io'])
+
+interface NodeRow {
+  name: string
+  domain: string
+  up: boolean
+  nbd: string
+  state: string
+  replicas: string[]
+}
+
+interface VolumeRow {
+  name: string
+  owner?: string
+  inSync?: boolean
+  replicas: { node: string; domain: string; state: string }[]
+  move?: { from: string; to: string }
+}
+
+t.test(
+  'drain a node while a writer keeps verifying',
+  { skip: skip ?? false, timeout: 240_000 },
+  async (t) => {
+    const witness = await startWitness()
+    t.teardown(() => witness.stop())
+    const cli = (...args: string[]): Promise<RunResult> =>
+      duplex([...args, '--witness', witness.address], 120_000)
+    const json = async <T>(...args: string[]): Promise<T> => {
+      const result = await cli(...args, '--output', 'json')
+      if (result.code !== 0) throw new Error(`${args.join(' ')}: ${result.stderr}`)
+      return JSON.parse(result.stdout) as T
+    }
+    const ok = async (t: Test, ...args: string[]): Promise<string> => {
+      const result = await cli(...args)
+      t.equal(result.code, 0, `duplex ${args.join(' ')}: ${result.stderr}`)
+      return result.stdout
+    }
+
+    const port = await freePorts(4)
+    const nodes = [
+      { name: 'a1', domain: 'site-a', replication: `127.0.0.1:${port}` },
+      { name: 'a2', domain: 'site-a', replication: `127.0.0.1:${port + 1}` },
+      { name: 'b1', domain: 'site-b', replication: `127.0.0.1:${port + 2}` },
+      { name: 'b2', domain: 'site-b', replication: `127.0.0.1:${port + 3}` },
+    ]
+    await ok(t, 'domain', 'add', 'site-a')
+    await ok(t, 'domain', 'add', 'site-b')
+    await ok(t, 'domain', 'add', 'site-w', '--kind', 'witness')
+    // a2 is the smaller node of site-a, so placement puts the volumes on a1.
+    for (const node of nodes) {
+      const capacity = node.name === 'a2' ? ['--capacity', '2G'] : ['--capacity', '4G']
+      await ok(
+        t,
+        ...['node', 'add', node.name, '--domain', node.domain, '--address', node.replication],
+        ...capacity,
+      )
+    }
+    const dirs: string[] = []
+    const running = new Map<string, DaemonProcess>()
+    t.teardown(async () => {
+      await Promise.all([...running.values()].map((daemon) => daemon.stop()))
+      await Promise.all(dirs.map((dir) => fs.rm(dir, { recursive: true, force: true })))
+    })
+    for (const node of nodes) {
+      const dir = await tempDir(`duplex-${node.name}-`)
+      dirs.push(dir)
+      const args = ['node', '--name', node.name, '--data-dir', dir, '--listen', '127.0.0.1:0']
+      running.set(node.name, await spawnDaemon(node.name, [...args, '--witness', witness.address]))
+    }
+    const rows = await until('four nodes up', async () => {
+      const listed = await json<NodeRow[]>('node', 'list')
+      return listed.every((row) => row.up && row.nbd !== '') ? listed : undefined
+    })
+    const nbdPort = (name: string): number =>
+      Number(rows.find((row) => row.name === name)?.nbd.split(':')[1])
+    const dirOf = (name: string): string =>
+      dirs[nodes.findIndex((node) => node.name === name)] ?? ''
+
+    await ok(
+      t,
+      'volume',
+      'create',
+      'db',
+      '--size',
+      '256M',
+      '--preferred-domain',
+      'site-a',
+      '--wait',
+    )
+    await ok(
+      t,
+      'volume',
+      'create',
+      'logs',
+      '--size',
+      '64M',
+      '--preferred-domain',
+      'site-b',
+      '--wait',
+    )
+    const before = await json<VolumeRow[]>('volume', 'list')
+    for (const volume of before) {
+      t.ok(
+        volume.replicas.some((replica) => replica.node === 'a1'),
+        `${volume.name} has a replica on a1`,
+      )
+    }
+    t.equal(before.find((v) => v.name === 'db')?.owner, 'a1', 'a1 is the primary of db')
+    // Data that was there before the move, written through a1.
+    const seeded = await run('qemu-io', [
+      ...['-f', 'raw', '-c', 'write -P 0x5d 128M 32M'],
+      `nbd://127.0.0.1:${nbdPort('a1')}/db`,
+    ])
+    t.equal(seeded.code, 0, seeded.stderr)
+
+    // The writers write through site-b, which stays; a1 is drained under them.
+    const dbHolderB = before
+      .find((v) => v.name === 'db')
+      ?.replicas.find((replica) => replica.domain === 'site-b')?.node
+    const logsHolderB = before
+      .find((v) => v.name === 'logs')
+      ?.replicas.find((replica) => replica.domain === 'site-b')?.node
+    if (dbHolderB === undefined || logsHolderB === undefined) throw new Error('no site-b replica')
+    const dbWriter = await SteadyWriter.start(nbdPort(dbHolderB), 'db', 0, 512)
+    const logsWriter = await SteadyWriter.start(nbdPort(logsHolderB), 'logs', 4096, 128)
+    await dbWriter.progress(50)
+    await logsWriter.progress(50)
+
+    const drained = await ok(t, 'node', 'drain', 'a1', '--wait')
+    t.match(drained, /a1 is draining: it receives no new replicas; moving .*db to a2/)
+    t.match(drained, /draining a1: done after \d+ s/)
+    t.match(drained, /a1 holds no replicas; remove it with: duplex node remove a1 --yes/)
+    await dbWriter.progress(50)
+    await logsWriter.progress(50)
+    const dbReport = await dbWriter.stop()
+    const logsReport = await logsWriter.stop()
+    t.equal(dbReport.errors, 0, `db writer: no error (${dbReport.lastError ?? ''})`)
+    t.equal(logsReport.errors, 0, `logs writer: no error (${logsReport.lastError ?? ''})`)
+    t.comment(
+      `longest stall: db ${dbReport.longestStallMs.toFixed(0)} ms, logs ${logsReport.longestStallMs.toFixed(0)} ms`,
+    )
+
+    const after = await until('both volumes in sync on a2', async () => {
+      const volumes = await json<VolumeRow[]>('volume', 'list')
+      return volumes.every(
+        (volume) =>
+          volume.inSync === true &&
+          volume.replicas.some((replica) => replica.node === 'a2' && replica.state === 'UpToDate'),
+      )
+        ? volumes
+        : undefined
+    })
+    for (const volume of after) {
+      t.same(
+        volume.replicas.map((replica) => replica.domain).sort(),
+        ['site-a', 'site-b'],
+        `${volume.name}: still one replica per site`,
+      )
+      t.notOk(
+        volume.replicas.some((replica) => replica.node === 'a1'),
+        `${volume.name} left a1`,
+      )
+    }
+    t.same(
+      await dbWriter.verify(nbdPort('a2'), 'db'),
+      [],
+      'every acknowledged db write reads back through a2',
+    )
+    t.same(await logsWriter.verify(nbdPort('a2'), 'logs'), [], 'and every logs write')
+    const old = await run('qemu-io', [
+      ...['-f', 'raw', '-c', 'read -P 0x5d 128M 32M'],
+      `nbd://127.0.0.1:${nbdPort('a2')}/db`,
+    ])
+    t.equal(old.code, 0, `data from before the move reads back through a2: ${old.stderr}`)
+    for (const volume of ['db', 'logs']) {
+      const verify = await cli('volume', 'verify', volume)
+      t.equal(verify.code, 0, `duplex volume verify ${volume}: ${verify.stdout}${verify.stderr}`)
+    }
+    const a1 = (await json<NodeRow[]>('node', 'list')).find((row) => row.name === 'a1')
+    t.equal(a1?.state, 'draining')
+    t.same(a1?.replicas, [], 'a1 holds nothing')
+    await until('a1 deleted its replicas', async () => {
+      const local = await duplex(['volume', 'list', '--data-dir', dirOf('a1'), '--output', 'json'])
+      return local.code === 0 && (JSON.parse(local.stdout) as unknown[]).length === 0
+        ? true
+        : undefined
+    })
+
+    // Bad moves are refused and change nothing.
+    const refusedMove = await cli('volume', 'move', 'db', '--from', 'a2', '--to', 'b2')
+    t.equal(refusedMove.code, 1)
+    t.match(refusedMove.stderr, /b2 is in site-b; a replica moves within its domain \(site-a\)/)
+    const refusedTarget = await cli('volume', 'move', 'db', '--from', 'a2', '--to', 'a1')
+    t.equal(refusedTarget.code, 1)
+    t.match(refusedTarget.stderr, /a1 is draining and receives no replicas/)
+    const noFrom = await cli('volume', 'move', 'db')
+    t.equal(noFrom.code, 2)
+    t.match(noFrom.stderr, /name the replica to move: --from/)
+    t.same(
+      (await json<VolumeRow[]>('volume', 'list')).map((volume) => volume.move),
+      [undefined, undefined],
+      'nothing is moving',
+    )
+
+    // A single move within site-b, the replica of the primary of logs included.
+    await ok(t, 'node', 'remove', 'a1', '--yes')
+    const from = logsHolderB
+    const to = from === 'b1' ? 'b2' : 'b1'
+    t.match(
+      await ok(t, 'volume', 'move', 'logs', '--from', from, '--to', to, '--wait'),
+      new RegExp(`logs: moving the replica on ${from} to ${to}[^]*logs's move: done after`),
+    )
+    const logs = await until('logs in sync after its move', async () => {
+      const [volume] = (await json<VolumeRow[]>('volume', 'list')).filter((v) => v.name === 'logs')
+      return volume?.inSync === true ? volume : undefined
+    })
+    t.same(logs.replicas.map((replica) => replica.node).sort(), ['a2', to].sort())
+    t.same(await logsWriter.verify(nbdPort(to), 'logs'), [], 'logs reads back through its new node')
+  },
+)
