@@ -5,6 +5,8 @@
  * to the other node of that site; the writer sees no error, every acknowledged write reads back
  * through the new node, the replicas compare equal, and the drained node deletes its data.
  * `duplex volume move` then moves a replica back, and bad moves are refused without a change.
+ * A second cluster kills the target of a move, then its source, with kill -9 in the middle of the
+ * copy: the move starts over each time and completes, and no acknowledged write is lost.
  */
 import t from 'tap'
 import type { Test } from 'tap'
@@ -240,5 +242,122 @@ t.test(
     })
     t.same(logs.replicas.map((replica) => replica.node).sort(), ['a2', to].sort())
     t.same(await logsWriter.verify(nbdPort(to), 'logs'), [], 'logs reads back through its new node')
+  },
+)
+
+t.test(
+  'a move survives kill -9 of its target and of its source',
+  { skip: skip ?? false, timeout: 240_000 },
+  async (t) => {
+    const witness = await startWitness()
+    t.teardown(() => witness.stop())
+    const cli = (...args: string[]): Promise<RunResult> =>
+      duplex([...args, '--witness', witness.address], 120_000)
+    const json = async <T>(...args: string[]): Promise<T> => {
+      const result = await cli(...args, '--output', 'json')
+      if (result.code !== 0) throw new Error(`${args.join(' ')}: ${result.stderr}`)
+      return JSON.parse(result.stdout) as T
+    }
+    const ok = async (...args: string[]): Promise<string> => {
+      const result = await cli(...args)
+      t.equal(result.code, 0, `duplex ${args.join(' ')}: ${result.stderr}`)
+      return result.stdout
+    }
+    const port = await freePorts(3)
+    const nodes = [
+      { name: 'a1', domain: 'site-a', replication: `127.0.0.1:${port}` },
+      { name: 'a2', domain: 'site-a', replication: `127.0.0.1:${port + 1}` },
+      { name: 'b1', domain: 'site-b', replication: `127.0.0.1:${port + 2}` },
+    ]
+    await ok('domain', 'add', 'site-a')
+    await ok('domain', 'add', 'site-b')
+    await ok('domain', 'add', 'site-w', '--kind', 'witness')
+    for (const node of nodes) {
+      await ok('node', 'add', node.name, '--domain', node.domain, '--address', node.replication)
+    }
+    const dirs = new Map<string, string>()
+    const running = new Map<string, DaemonProcess>()
+    t.teardown(async () => {
+      await Promise.all([...running.values()].map((daemon) => daemon.stop()))
+      await Promise.all(
+        [...dirs.values()].map((dir) => fs.rm(dir, { recursive: true, force: true })),
+      )
+    })
+    // Fixed NBD ports, so that a restarted node is found where it was.
+    const nbdBase = await freePorts(3)
+    const start = async (name: string): Promise<void> => {
+      const dir = dirs.get(name) ?? (await tempDir(`duplex-${name}-`))
+      dirs.set(name, dir)
+      const nbd = `127.0.0.1:${nbdBase + nodes.findIndex((node) => node.name === name)}`
+      const args = ['node', '--name', name, '--data-dir', dir, '--listen', nbd]
+      running.set(name, await spawnDaemon(name, [...args, '--witness', witness.address]))
+    }
+    for (const node of nodes) await start(node.name)
+    await until('three nodes up', async () => {
+      const listed = await json<NodeRow[]>('node', 'list')
+      return listed.every((row) => row.up && row.nbd !== '') ? true : undefined
+    })
+    const nbdPort = (name: string): number =>
+      nbdBase + nodes.findIndex((node) => node.name === name)
+
+    // b1 is the primary; the copy is slowed down so that the kills land in the middle of it.
+    await ok(
+      ...['volume', 'create', 'big', '--size', '512M', '--preferred-domain', 'site-b'],
+      ...['--resync-rate', '40M', '--wait'],
+    )
+    const filled = await run('qemu-io', [
+      ...['-f', 'raw', '-c', 'write -P 0x7e 0 200M'],
+      `nbd://127.0.0.1:${nbdPort('b1')}/big`,
+    ])
+    t.equal(filled.code, 0, filled.stderr)
+    const writer = await SteadyWriter.start(nbdPort('b1'), 'big', 300 * 1024 * 1024, 256)
+    await writer.progress(20)
+    const copied = (what: string, atLeast: number): Promise<boolean> =>
+      until(
+        what,
+        async () => {
+          const volume = await json<VolumeRow & { move?: { doneBytes: number } }>(
+            'volume',
+            'show',
+            'big',
+          )
+          return (volume.move?.doneBytes ?? 0) >= atLeast ? true : undefined
+        },
+        60_000,
+      )
+    const moved = ok('volume', 'move', 'big', '--from', 'a1', '--to', 'a2', '--wait')
+
+    await copied('the copy under way', 32 * 1024 * 1024)
+    await running.get('a2')?.kill()
+    t.comment('killed the target (a2) in the middle of the copy')
+    await new Promise((resolve) => setTimeout(resolve, 1000))
+    await start('a2')
+    await copied('the copy under way again', 32 * 1024 * 1024)
+    await running.get('a1')?.kill()
+    t.comment('killed the source (a1) in the middle of the copy')
+    await writer.progress(20) // b1 runs alone meanwhile
+    await new Promise((resolve) => setTimeout(resolve, 1000))
+    await start('a1')
+
+    t.match(await moved, /big's move: done after \d+ s/)
+    await writer.progress(20)
+    const report = await writer.stop()
+    t.equal(report.errors, 0, `the writer saw no error (${report.lastError ?? ''})`)
+    const volume = await until('big in sync on a2 and b1', async () => {
+      const shown = await json<VolumeRow>('volume', 'show', 'big')
+      return shown.inSync === true &&
+        shown.replicas.every((replica) => replica.state === 'UpToDate')
+        ? shown
+        : undefined
+    })
+    t.same(volume.replicas.map((replica) => replica.node).sort(), ['a2', 'b1'])
+    t.same(await writer.verify(nbdPort('a2'), 'big'), [], 'every acknowledged write reads on a2')
+    const old = await run('qemu-io', [
+      ...['-f', 'raw', '-c', 'read -P 0x7e 0 200M'],
+      `nbd://127.0.0.1:${nbdPort('a2')}/big`,
+    ])
+    t.equal(old.code, 0, `the data from before the move reads back on a2: ${old.stderr}`)
+    const verify = await cli('volume', 'verify', 'big')
+    t.equal(verify.code, 0, `${verify.stdout}${verify.stderr}`)
   },
 )
