@@ -301,13 +301,49 @@ export async function deleteCatalogVolume(
   process.stdout.write(`deleted volume ${name}; its nodes free the space\n`)
 }
 
+/**
+ * `duplex volume resize`: the catalog grows the volume; each node grows its replica once no
+ * client has it open there (a client sized its view at its handshake). `--wait` waits until both
+ * replicas have grown and are in sync again.
+ */
 export async function resizeCatalogVolume(
   witness: string,
   name: string,
   size: string,
+  wait: boolean,
 ): Promise<void> {
-  await change(witness, { type: 'resizeVolume', name, sizeBytes: parseSize(size) })
-  process.stdout.write(`volume ${name} is now ${formatSize(parseSize(size))}\n`)
+  const sizeBytes = parseSize(size)
+  await change(witness, { type: 'resizeVolume', name, sizeBytes })
+  process.stdout.write(
+    `volume ${name} is ${formatSize(sizeBytes)} in the catalog; each node grows its replica ` +
+      `once no client has it open there, and clients see the new size when they connect again\n`,
+  )
+  if (!wait) return
+  const started = Date.now()
+  let told = false
+  for (;;) {
+    const status = await withAdmin(witness, (admin) => admin.clusterStatus())
+    const [view] = await volumeViews(status, name)
+    if (view === undefined) throw new DuplexError('VOLUME_NOT_FOUND', `volume ${name} is gone`)
+    const grown = view.replicas.filter((replica) => replica.sizeBytes === sizeBytes)
+    if (grown.length === view.replicas.length && view.inSync === true) {
+      const seconds = Math.round((Date.now() - started) / 1000)
+      process.stdout.write(`${name}: both replicas are ${formatSize(sizeBytes)} after ${seconds} s\n`)
+      return
+    }
+    if (!told && Date.now() - started > 5000) {
+      const waiting = view.replicas.filter((replica) => replica.sizeBytes !== sizeBytes)
+      process.stderr.write(
+        `waiting for ${waiting.map((replica) => replica.node).join(' and ')}: ` +
+          `disconnect the clients of ${name} there\n`,
+      )
+      told = true
+    }
+    if (Date.now() - started > waitTimeoutMs) {
+      throw new DuplexError('UNAVAILABLE', `${name} has not grown on every node`)
+    }
+    await new Promise((resolve) => setTimeout(resolve, 500))
+  }
 }
 
 /**
@@ -429,6 +465,8 @@ interface ReplicaView {
   sync: { doneBytes: number; totalBytes: number } | undefined
   /** On a replica moving to another node: the copy's progress. */
   move: { doneBytes: number; totalBytes: number } | undefined
+  /** The replica's size on its node (it lags the catalog after a resize until clients detach). */
+  sizeBytes: number | undefined
   error: string | undefined
 }
 
@@ -463,6 +501,7 @@ async function describeReplicas(
         dirty: false,
         sync: undefined,
         move: undefined,
+        sizeBytes: undefined,
         error: undefined,
       }
       if (node === undefined) return view
@@ -470,6 +509,7 @@ async function describeReplicas(
       try {
         const reply: DescribeReply = await client.describe(volume.name, 3000)
         view.state = reply.exists ? reply.state : 'missing'
+        if (reply.exists) view.sizeBytes = reply.sizeBytes
         view.epoch = reply.epoch
         view.dirty = reply.dirty
         if (reply.syncBytesTotal > 0) {

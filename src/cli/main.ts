@@ -445,9 +445,14 @@ async function main(argv: string[]): Promise<number> {
           (c) =>
             c
               .positional('name', { type: 'string', demandOption: true })
-              .option('size', { type: 'string', demandOption: true, describe: 'the new size' }),
+              .option('size', { type: 'string', demandOption: true, describe: 'the new size' })
+              .option('wait', {
+                type: 'boolean',
+                default: false,
+                describe: 'wait until both replicas have grown',
+              }),
           (a) => {
-            run(() => resizeCatalogVolume(a.witness, a.name, a.size))
+            run(() => resizeCatalogVolume(a.witness, a.name, a.size, a.wait))
           },
         )
         .command(

@@ -5,8 +5,9 @@
  *
  * Volumes: each volume placed here is created in the local store if missing (a new replica starts
  * at epoch 0, Inconsistent unless this node is the configured primary of a volume it already
- * holds, e.g. one created before replication was configured). A local volume whose size differs
- * from the cluster file is not served (logged): resizing is a catalog operation (issue 5).
+ * holds, e.g. one created before replication was configured). A local volume smaller than the
+ * cluster says grows (`duplex volume resize`, applied when no client has it open); one of
+ * another size is not served (logged).
  * Volumes in the store that the cluster file does not mention are served unreplicated, as before.
  */
 import type { AddressInfo } from 'node:net'
@@ -67,6 +68,8 @@ export class Replication implements ExportRegistry {
   private config: ClusterConfig
   /** Volumes removed from this node whose replica is still to be deleted (clients attached). */
   private readonly retiring = new Set<string>()
+  /** Volumes the catalog grew whose replica here waits for its clients to detach. */
+  private readonly growing = new Set<string>()
   /** Replicas being moved here (not served, not replicated): the copy from the source lands. */
   private readonly incoming = new Map<string, { from: string; sizeBytes: number; begun: boolean }>()
   /** This node's replicas being moved away: their copiers, by volume. */
@@ -181,6 +184,10 @@ export class Replication implements ExportRegistry {
       const known = before.get(volume.name)
       const controller = this.controllers.get(volume.name)
       if (known !== undefined && controller !== undefined) {
+        if (volume.sizeBytes !== controller.info.sizeBytes) {
+          await this.growReplica(controller, volume, peer)
+          continue
+        }
         if (controller.peerName !== peer.name) {
           log.warn('the peer of a volume changed; it applies when this node restarts', {
             volume: volume.name,
@@ -225,12 +232,58 @@ export class Replication implements ExportRegistry {
       }
     }
     // Clients still attached: try again later (and then add a volume created again meanwhile).
-    if (this.retiring.size > 0 && !this.closing && this.retireTimer === undefined) {
+    const later = this.retiring.size > 0 || this.growing.size > 0
+    if (later && !this.closing && this.retireTimer === undefined) {
       this.retireTimer = setTimeout(() => {
         this.retireTimer = undefined
         void this.reconcile(this.config)
       }, retireRetryMs)
       this.retireTimer.unref()
+    }
+  }
+
+  /**
+   * The catalog grew a volume (`duplex volume resize`). A client sized its view of the volume at
+   * its handshake, so the replica grows only while no client has it open here: until then it is
+   * served at its old size and the change waits (retried with the deletions). Then the replica
+   * stops, grows (the new bytes read as zeros on both nodes: identical), and starts again; it
+   * pairs with its peer once the peer has grown too (until then it waits, as for any size
+   * mismatch).
+   */
+  private async growReplica(
+    controller: ReplicaController,
+    volume: ClusterVolume,
+    peer: ClusterNode,
+  ): Promise<void> {
+    const { store, log } = this.options
+    const name = volume.name
+    if (store.attachmentCount(name) > 0) {
+      if (!this.growing.has(name)) {
+        log.warn('the volume grew in the catalog; it grows here once its clients detach', {
+          volume: name,
+          clients: store.attachmentCount(name),
+          bytes: volume.sizeBytes,
+        })
+      }
+      this.growing.add(name)
+      return
+    }
+    this.refused.add(name) // no client attaches meanwhile
+    this.controllers.delete(name)
+    try {
+      await controller.close()
+      await store.grow(name, volume.sizeBytes)
+      this.growing.delete(name)
+      log.info('replica grown', { volume: name, bytes: volume.sizeBytes })
+    } catch (error) {
+      log.error('cannot grow the replica; it keeps its size', {
+        volume: name,
+        error: errorMessage(error),
+      })
+    } finally {
+      this.refused.delete(name)
+      this.addController(volume, peer)
+      this.controllers.get(name)?.start()
     }
   }
 
@@ -542,6 +595,12 @@ async function ensureReplica(store: NodeStore, volume: ClusterVolume, log: Logge
     await store.create(volume.name, volume.sizeBytes)
     await store.setReplica(volume.name, initialRecord(false))
     log.info('created a new replica', { volume: volume.name, bytes: volume.sizeBytes })
+  } else if (existing.info.sizeBytes < volume.sizeBytes && store.attachmentCount(volume.name) === 0) {
+    await store.grow(volume.name, volume.sizeBytes)
+    log.info('replica grown to the size in the catalog', {
+      volume: volume.name,
+      bytes: volume.sizeBytes,
+    })
   } else if (existing.info.sizeBytes !== volume.sizeBytes) {
     log.error('replica size differs from the cluster; not serving it', {
       volume: volume.name,

@@ -30,6 +30,7 @@ import { DuplexError, errorMessage } from '../core/errors.js'
 import type { Attachment, ExportInfo, ExportRegistry } from '../nbd/exports.js'
 import { ActivityLog, activityLogPrefix } from './activity-log.js'
 import { AllocationMap, allocationChunkBytesDefault } from './allocation-map.js'
+import { DirtyMap } from './dirty-map.js'
 import type { MetaOp, MetaStore } from './meta-store.js'
 import { RocksMetaStore } from './meta-store.js'
 import { allocationKeyPrefix, parseAllocationSegment, Volume } from './volume.js'
@@ -288,6 +289,63 @@ export class NodeStore implements ExportRegistry {
     })
   }
 
+  /**
+   * Grows a volume to `sizeBytes`; the new bytes read as zeros. Only while no client is attached
+   * (VOLUME_BUSY otherwise: a client sized its view at its handshake). Crash-safe: the file grows
+   * first, then the record (with the dirty bitmap, if any, widened) in one synced batch; a file
+   * found longer than its record at open was a grow that did not finish and is cut back.
+   */
+  grow(name: string, sizeBytes: number): Promise<void> {
+    return this.admin(async () => {
+      const entry = this.entries.get(name)
+      if (entry === undefined) {
+        throw new DuplexError('VOLUME_NOT_FOUND', `volume ${name} does not exist`)
+      }
+      validateVolumeSize(sizeBytes)
+      const { record } = entry.volume
+      if (sizeBytes === record.sizeBytes) return
+      if (sizeBytes < record.sizeBytes) {
+        throw new DuplexError(
+          'INVALID_ARGUMENT',
+          `volume ${name} is ${record.sizeBytes} bytes; volumes only grow (asked for ${sizeBytes})`,
+        )
+      }
+      if (entry.attachments > 0) {
+        throw new DuplexError(
+          'VOLUME_BUSY',
+          `volume ${name} cannot grow while ${entry.attachments} client(s) are attached`,
+        )
+      }
+      const grown: VolumeRecord = { ...record, sizeBytes }
+      await entry.volume.close()
+      const path = this.dataPath(record.id)
+      try {
+        const handle = await open(path, 'r+')
+        try {
+          await handle.truncate(sizeBytes)
+          await handle.sync()
+        } finally {
+          await handle.close()
+        }
+        const ops: MetaOp[] = [
+          { type: 'put', key: volumeKey(name), value: Buffer.from(JSON.stringify(grown)) },
+        ]
+        const bits = await this.meta.get(dirtyKey(name))
+        if (bits !== undefined) {
+          const wider = Buffer.alloc(DirtyMap.bitsLength(sizeBytes))
+          bits.copy(wider)
+          ops.push({ type: 'put', key: dirtyKey(name), value: wider })
+        }
+        await this.meta.batch(ops, { sync: true })
+        entry.volume = await this.loadVolume(grown)
+      } catch (error) {
+        // Back to the old size (the record still says so); the volume stays served.
+        entry.volume = await this.loadVolume(record)
+        throw asStoreError(`cannot grow volume ${name}`, error)
+      }
+    })
+  }
+
   /** Deletes a volume and its data. VOLUME_BUSY while clients are attached. */
   delete(name: string): Promise<void> {
     return this.admin(async () => {
@@ -388,7 +446,13 @@ export class NodeStore implements ExportRegistry {
       throw asStoreError(`cannot open the data file of volume ${record.name}`, error)
     }
     try {
-      const { size } = await handle.stat()
+      let { size } = await handle.stat()
+      if (size > record.sizeBytes) {
+        // A grow that stopped before its record was written: nothing was written past the old
+        // end (no client saw it), so cutting the file back loses nothing.
+        await handle.truncate(record.sizeBytes)
+        size = record.sizeBytes
+      }
       if (size !== record.sizeBytes) {
         throw new DuplexError(
           'STORE_CORRUPT',

@@ -438,20 +438,20 @@ function resizeVolume(
   if (volume === undefined) refuse('VOLUME_NOT_FOUND', `there is no volume ${command.name}`)
   validateVolumeSize(command.sizeBytes)
   if (volume.sizeBytes === command.sizeBytes) return catalog
+  if (volume.moveTo !== '') {
+    refuse(
+      'FAILED_PRECONDITION',
+      `${volume.name} is moving from ${volume.moveFrom} to ${volume.moveTo}; resize it once the move completed`,
+    )
+  }
   const result = place(placementView(catalog, context), {
     type: 'resize',
     volume: command.name,
     sizeBytes: command.sizeBytes,
   })
   if (!result.ok) refuse('FAILED_PRECONDITION', `cannot resize ${command.name}: ${result.reason}`)
-  // Placement has checked the space; the nodes cannot grow a replica in place yet (its
-  // allocation map, dirty bitmap and the clients' view of the size all change), and a replica
-  // whose size differs from the catalog is not served. Refuse rather than take a volume down.
-  return refuse(
-    'NOT_SUPPORTED',
-    `resizing is not supported yet: nodes cannot grow a replica in place. ` +
-      `Copy the data to a new, larger volume instead (qemu-img convert)`,
-  )
+  // Each node grows its replica once no client has it open there (replication.ts growReplica).
+  return replaceVolume(catalog, { ...volume, sizeBytes: command.sizeBytes })
 }
 
 function deleteVolume(catalog: Catalog, name: string): Catalog {

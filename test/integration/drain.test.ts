@@ -4,7 +4,8 @@
  * `duplex node drain` moves every replica off a node of the other site (one of them its primary)
  * to the other node of that site; the writer sees no error, every acknowledged write reads back
  * through the new node, the replicas compare equal, and the drained node deletes its data.
- * `duplex volume move` then moves a replica back, and bad moves are refused without a change.
+ * `duplex volume move` then moves a replica back, and bad moves are refused without a change;
+ * `duplex volume resize` grows a volume once the client attached on one node lets go.
  * A second cluster kills the target of a move, then its source, with kill -9 in the middle of the
  * copy: the move starts over each time and completes, and no acknowledged write is lost.
  */
@@ -22,6 +23,7 @@ import {
   until,
 } from '../lib/node-process.js'
 import type { DaemonProcess, RunResult } from '../lib/node-process.js'
+import { NbdClient } from '../lib/nbd-client.js'
 import { SteadyWriter } from '../lib/steady-writer.js'
 
 const skip = await missingTools(['qemu-io'])
@@ -242,6 +244,52 @@ t.test(
     })
     t.same(logs.replicas.map((replica) => replica.node).sort(), ['a2', to].sort())
     t.same(await logsWriter.verify(nbdPort(to), 'logs'), [], 'logs reads back through its new node')
+
+    // Growing a volume: it waits for the client attached on one node, then both grow.
+    const logsNodes = logs.replicas.map((replica) => replica.node)
+    const holder = logsNodes[0] ?? ''
+    const attached = await NbdClient.open(nbdPort(holder), 'logs')
+    t.match(
+      await ok(t, 'volume', 'resize', 'logs', '--size', '128M'),
+      /volume logs is 128\.0 MiB in the catalog; each node grows its replica once no client has it open there/,
+    )
+    const sizes = async (): Promise<(number | undefined)[]> =>
+      (await json<{ replicas: { sizeBytes?: number }[] }>('volume', 'show', 'logs')).replicas.map(
+        (replica) => replica.sizeBytes,
+      )
+    await new Promise((resolve) => setTimeout(resolve, 2000))
+    t.ok(
+      (await sizes()).includes(64 * 1024 * 1024),
+      'the node with a client attached keeps the old size meanwhile',
+    )
+    attached.destroy()
+    t.match(
+      await ok(t, 'volume', 'resize', 'logs', '--size', '128M', '--wait'),
+      /logs: both replicas are 128\.0 MiB after \d+ s/,
+    )
+    const info = await run('qemu-img', [
+      'info',
+      '--output=json',
+      `nbd://127.0.0.1:${nbdPort(to)}/logs`,
+    ])
+    t.equal(
+      (JSON.parse(info.stdout) as { 'virtual-size': number })['virtual-size'],
+      128 * 1024 * 1024,
+    )
+    const grownWrite = await run('qemu-io', [
+      ...['-f', 'raw', '-c', 'write -P 0x42 100M 4M'],
+      `nbd://127.0.0.1:${nbdPort(logsNodes[0] ?? '')}/logs`,
+    ])
+    t.equal(grownWrite.code, 0, grownWrite.stderr)
+    const grownRead = await run('qemu-io', [
+      ...['-f', 'raw', '-c', 'read -P 0x42 100M 4M', '-c', 'read -P 0 120M 4M'],
+      `nbd://127.0.0.1:${nbdPort(logsNodes[1] ?? '')}/logs`,
+    ])
+    t.equal(grownRead.code, 0, `the grown part replicates: ${grownRead.stderr}`)
+    t.same(await logsWriter.verify(nbdPort(to), 'logs'), [], 'the data from before is kept')
+    const shrink = await cli('volume', 'resize', 'logs', '--size', '64M')
+    t.equal(shrink.code, 1)
+    t.match(shrink.stderr, /volumes only grow/)
   },
 )
 

@@ -342,3 +342,47 @@ void t.test(
     t.same(await meta.get('bench/1'), Buffer.alloc(64, 49), 'and the last batch is readable')
   },
 )
+
+void t.test('grow: data kept, the new bytes read as zeros, only without clients', async (t) => {
+  const dir = await tempDir(t)
+  const store = await NodeStore.open(dir)
+  t.teardown(() => store.close().catch(() => undefined))
+  await store.create('g', 4 * MiB)
+  const data = pattern(64 * KiB, 3)
+  await volumeOf(store, 'g').write(4 * MiB - data.length, data, true)
+  await store.setDirtyBits('g', new Uint8Array([0xff, 0x01, 0, 0, 0, 0, 0, 0]), true)
+
+  const attachment = store.attach('g')
+  await t.rejects(store.grow('g', 8 * MiB), { code: 'VOLUME_BUSY' }, 'not under a client')
+  attachment?.detach()
+  await t.rejects(store.grow('g', 2 * MiB), { code: 'INVALID_ARGUMENT', message: /only grow/ })
+  await t.rejects(store.grow('g', 8 * MiB + 1), { code: 'INVALID_ARGUMENT' }, 'not 4 KiB aligned')
+  await t.rejects(store.grow('nope', 8 * MiB), { code: 'VOLUME_NOT_FOUND' })
+
+  await store.grow('g', 8 * MiB)
+  const grown = volumeOf(store, 'g')
+  t.equal(grown.info.sizeBytes, 8 * MiB)
+  t.same(await grown.read(4 * MiB - data.length, data.length), data, 'the old data is there')
+  t.same(await grown.read(4 * MiB, 64 * KiB), Buffer.alloc(64 * KiB), 'the new bytes are zeros')
+  t.match(await grown.allocation(4 * MiB, 4 * MiB, 16), [{ hole: true, lengthBytes: 4 * MiB }])
+  await grown.write(8 * MiB - 4096, pattern(4096, 9), true)
+  const bits = await store.dirtyBits('g')
+  t.equal(bits?.length, 16, 'the dirty bitmap covers the new size')
+  t.same([...(bits ?? [])].slice(0, 3), [0xff, 0x01, 0], 'and keeps its marks')
+  await store.close()
+
+  const reopened = await NodeStore.open(dir)
+  t.teardown(() => reopened.close().catch(() => undefined))
+  const again = volumeOf(reopened, 'g')
+  t.equal(again.info.sizeBytes, 8 * MiB, 'the new size is durable')
+  t.same(await again.read(8 * MiB - 4096, 4096), pattern(4096, 9))
+  await reopened.close()
+
+  // A grow that stopped after the file grew but before its record: cut back at open.
+  const [file] = (await readdir(join(dir, 'volumes'))).filter((name) => name.endsWith('.data'))
+  await run('truncate', ['-s', String(12 * MiB), join(dir, 'volumes', file ?? '')])
+  const recovered = await NodeStore.open(dir)
+  t.teardown(() => recovered.close().catch(() => undefined))
+  t.equal(volumeOf(recovered, 'g').info.sizeBytes, 8 * MiB)
+  t.equal((await stat(join(dir, 'volumes', file ?? ''))).size, 8 * MiB, 'the file is cut back')
+})

@@ -214,10 +214,20 @@ t.test('a node with replicas, and the last witness domain, cannot be removed', a
     refusal(catalog, { type: 'removeDomain', name: 'site-w' }).message,
     /witness domain of 1 volume\(s\)/,
   )
-  t.equal(
-    refusal(catalog, { type: 'resizeVolume', name: 'v', sizeBytes: 2 * GiB }).code,
-    'NOT_SUPPORTED',
-  )
+  const grown = run([{ type: 'resizeVolume', name: 'v', sizeBytes: 2 * GiB }], catalog)
+  t.equal(grown.volumes[0]?.sizeBytes, 2 * GiB, 'a volume grows')
+  t.match(refusal(grown, { type: 'resizeVolume', name: 'v', sizeBytes: GiB }), {
+    code: 'FAILED_PRECONDITION',
+    message: /volumes only grow/,
+  })
+  t.match(refusal(grown, { type: 'resizeVolume', name: 'v', sizeBytes: 200 * GiB }), {
+    code: 'FAILED_PRECONDITION',
+    message: /has 98\.0 GiB free; growing to 200\.0 GiB needs 198\.0 GiB more there/,
+  })
+  const moving = run([{ type: 'moveVolume', name: 'v1', fromNode: 'b1' }], fourNodes())
+  t.match(refusal(moving, { type: 'resizeVolume', name: 'v1', sizeBytes: 40 * GiB }), {
+    message: /v1 is moving from b1 to b2; resize it once the move completed/,
+  })
 })
 
 t.test('a node follows the catalog as a cluster file, checked by the same parser', async (t) => {
