@@ -328,7 +328,9 @@ export async function resizeCatalogVolume(
     const grown = view.replicas.filter((replica) => replica.sizeBytes === sizeBytes)
     if (grown.length === view.replicas.length && view.inSync === true) {
       const seconds = Math.round((Date.now() - started) / 1000)
-      process.stdout.write(`${name}: both replicas are ${formatSize(sizeBytes)} after ${seconds} s\n`)
+      process.stdout.write(
+        `${name}: both replicas are ${formatSize(sizeBytes)} after ${seconds} s\n`,
+      )
       return
     }
     if (!told && Date.now() - started > 5000) {

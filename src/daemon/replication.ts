@@ -595,7 +595,10 @@ async function ensureReplica(store: NodeStore, volume: ClusterVolume, log: Logge
     await store.create(volume.name, volume.sizeBytes)
     await store.setReplica(volume.name, initialRecord(false))
     log.info('created a new replica', { volume: volume.name, bytes: volume.sizeBytes })
-  } else if (existing.info.sizeBytes < volume.sizeBytes && store.attachmentCount(volume.name) === 0) {
+  } else if (
+    existing.info.sizeBytes < volume.sizeBytes &&
+    store.attachmentCount(volume.name) === 0
+  ) {
     await store.grow(volume.name, volume.sizeBytes)
     log.info('replica grown to the size in the catalog', {
       volume: volume.name,
