@@ -10,6 +10,7 @@ import type { Test } from 'tap'
 import fs from 'node:fs/promises'
 import path from 'node:path'
 import {
+  adminCli,
   duplex,
   freePorts,
   missingTools,
@@ -19,7 +20,7 @@ import {
   tempDir,
   until,
 } from '../lib/node-process.js'
-import type { DaemonProcess, RunResult } from '../lib/node-process.js'
+import type { DaemonProcess } from '../lib/node-process.js'
 import { NbdClient } from '../lib/nbd-client.js'
 
 const skip = await missingTools(['qemu-io'])
@@ -45,18 +46,7 @@ interface VolumeRow {
 t.test('a stretched cluster built with the CLI alone', { skip: skip ?? false }, async (t) => {
   const witness = await startWitness()
   t.teardown(() => witness.stop())
-  const cli = (...args: string[]): Promise<RunResult> =>
-    duplex([...args, '--witness', witness.address])
-  const json = async <T>(...args: string[]): Promise<T> => {
-    const result = await cli(...args, '--output', 'json')
-    if (result.code !== 0) throw new Error(`${args.join(' ')}: ${result.stderr}`)
-    return JSON.parse(result.stdout) as T
-  }
-  const ok = async (t: Test, ...args: string[]): Promise<string> => {
-    const result = await cli(...args)
-    t.equal(result.code, 0, `duplex ${args.join(' ')}: ${result.stderr}`)
-    return result.stdout
-  }
+  const { cli, json, ok } = adminCli(witness.address)
   const refused = async (
     t: Test,
     code: number,

@@ -10,9 +10,9 @@
  * copy: the move starts over each time and completes, and no acknowledged write is lost.
  */
 import t from 'tap'
-import type { Test } from 'tap'
 import fs from 'node:fs/promises'
 import {
+  adminCli,
   duplex,
   freePorts,
   missingTools,
@@ -22,7 +22,7 @@ import {
   tempDir,
   until,
 } from '../lib/node-process.js'
-import type { DaemonProcess, RunResult } from '../lib/node-process.js'
+import type { DaemonProcess } from '../lib/node-process.js'
 import { NbdClient } from '../lib/nbd-client.js'
 import { SteadyWriter } from '../lib/steady-writer.js'
 
@@ -51,18 +51,7 @@ t.test(
   async (t) => {
     const witness = await startWitness()
     t.teardown(() => witness.stop())
-    const cli = (...args: string[]): Promise<RunResult> =>
-      duplex([...args, '--witness', witness.address], 120_000)
-    const json = async <T>(...args: string[]): Promise<T> => {
-      const result = await cli(...args, '--output', 'json')
-      if (result.code !== 0) throw new Error(`${args.join(' ')}: ${result.stderr}`)
-      return JSON.parse(result.stdout) as T
-    }
-    const ok = async (t: Test, ...args: string[]): Promise<string> => {
-      const result = await cli(...args)
-      t.equal(result.code, 0, `duplex ${args.join(' ')}: ${result.stderr}`)
-      return result.stdout
-    }
+    const { cli, json, ok } = adminCli(witness.address, 120_000)
 
     const port = await freePorts(4)
     const nodes = [
@@ -299,18 +288,9 @@ t.test(
   async (t) => {
     const witness = await startWitness()
     t.teardown(() => witness.stop())
-    const cli = (...args: string[]): Promise<RunResult> =>
-      duplex([...args, '--witness', witness.address], 120_000)
-    const json = async <T>(...args: string[]): Promise<T> => {
-      const result = await cli(...args, '--output', 'json')
-      if (result.code !== 0) throw new Error(`${args.join(' ')}: ${result.stderr}`)
-      return JSON.parse(result.stdout) as T
-    }
-    const ok = async (...args: string[]): Promise<string> => {
-      const result = await cli(...args)
-      t.equal(result.code, 0, `duplex ${args.join(' ')}: ${result.stderr}`)
-      return result.stdout
-    }
+    const admin = adminCli(witness.address, 120_000)
+    const { cli, json } = admin
+    const ok = (...args: string[]): Promise<string> => admin.ok(t, ...args)
     const port = await freePorts(3)
     const nodes = [
       { name: 'a1', domain: 'site-a', replication: `127.0.0.1:${port}` },

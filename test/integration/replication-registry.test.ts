@@ -1,7 +1,8 @@
 /**
  * The replicated node's export registry: a volume the cluster file places on the node but whose
- * local replica has another size is not served at all (served unreplicated, it would take writes
- * its peer never sees); volumes the file does not mention are served as before.
+ * local replica is larger is not served at all (served unreplicated, it would take writes its
+ * peer never sees; volumes never shrink); a smaller one grows to the file's size (a resize);
+ * volumes the file does not mention are served as before.
  */
 import t from 'tap'
 import fs from 'node:fs/promises'
@@ -13,14 +14,15 @@ import { freePorts, tempDir } from '../lib/node-process.js'
 
 const MiB = 1024 * 1024
 
-t.test('a replica whose size differs from the cluster file is not served', async (t) => {
+t.test('a replica larger than the cluster file is not served; a smaller one grows', async (t) => {
   const dir = await tempDir('duplex-registry-')
   const store = await NodeStore.open(dir)
   t.teardown(async () => {
     await store.close()
     await fs.rm(dir, { recursive: true, force: true })
   })
-  await store.create('vol', 8 * MiB)
+  await store.create('vol', 32 * MiB)
+  await store.create('small', 4 * MiB)
   await store.create('local-only', 4 * MiB)
   const port = await freePorts(2)
   const config = parseClusterConfig(
@@ -29,7 +31,10 @@ t.test('a replica whose size differs from the cluster file is not served', async
         { name: 'node-a', domain: 'site-a', replication: `127.0.0.1:${port}` },
         { name: 'node-b', domain: 'site-b', replication: `127.0.0.1:${port + 1}` },
       ],
-      volumes: [{ name: 'vol', size: '16M', replicas: ['node-a', 'node-b'], primary: 'node-a' }],
+      volumes: [
+        { name: 'vol', size: '16M', replicas: ['node-a', 'node-b'], primary: 'node-a' },
+        { name: 'small', size: '8M', replicas: ['node-a', 'node-b'], primary: 'node-a' },
+      ],
     },
     'cluster.json',
   )
@@ -43,10 +48,14 @@ t.test('a replica whose size differs from the cluster file is not served', async
   t.equal(replication.find('vol'), undefined, 'the mismatched volume is not an export')
   t.equal(replication.attach('vol'), undefined, 'and cannot be attached')
   t.same(
-    replication.list().map((info) => info.name),
-    ['local-only'],
-    'the list shows only what is served',
+    replication.list().map((info) => [info.name, info.sizeBytes]),
+    [
+      ['local-only', 4 * MiB],
+      ['small', 8 * MiB],
+    ],
+    'the list shows only what is served; a smaller replica grew to the size in the file',
   )
+  t.ok(replication.controller('small'), 'and is replicated')
   const local = replication.attach('local-only')
   t.ok(local, 'a volume the file does not mention is served unreplicated')
   local?.detach()

@@ -11,6 +11,7 @@ import path from 'node:path'
 import readline from 'node:readline'
 import { fileURLToPath } from 'node:url'
 import { promisify } from 'node:util'
+import type { Test } from 'tap'
 
 const execFileAsync = promisify(execFile)
 
@@ -52,6 +53,33 @@ export async function run(
 /** Runs the duplex CLI with the given arguments. */
 export function duplex(args: string[], timeoutMs?: number): Promise<RunResult> {
   return run(process.execPath, [cliPath, ...args], timeoutMs === undefined ? {} : { timeoutMs })
+}
+
+/** The admin CLI against one witness: raw runs, JSON answers, and runs a test expects to pass. */
+export interface AdminCli {
+  cli: (...args: string[]) => Promise<RunResult>
+  /** `ARGS --output json`, parsed; a failure throws with its stderr. */
+  json: <T>(...args: string[]) => Promise<T>
+  /** Asserts exit code 0 on `t`; returns stdout. */
+  ok: (t: Test, ...args: string[]) => Promise<string>
+}
+
+export function adminCli(witness: string, timeoutMs?: number): AdminCli {
+  const cli = (...args: string[]): Promise<RunResult> =>
+    duplex([...args, '--witness', witness], timeoutMs)
+  return {
+    cli,
+    json: async <T>(...args: string[]): Promise<T> => {
+      const result = await cli(...args, '--output', 'json')
+      if (result.code !== 0) throw new Error(`${args.join(' ')}: ${result.stderr}`)
+      return JSON.parse(result.stdout) as T
+    },
+    ok: async (t: Test, ...args: string[]): Promise<string> => {
+      const result = await cli(...args)
+      t.equal(result.code, 0, `duplex ${args.join(' ')}: ${result.stderr}`)
+      return result.stdout
+    },
+  }
 }
 
 const toolCache = new Map<string, boolean>()
