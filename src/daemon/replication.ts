@@ -43,6 +43,8 @@ export interface ReplicationOptions {
   /** Test hooks and tuning for the links to peers. */
   link?: PeerLinkClientOptions
   roleWaitMs?: number
+  /** Each replicated op's round trip to the peer (metrics). */
+  onPeerRoundTrip?: (volume: string, seconds: number) => void
 }
 
 interface Peer {
@@ -152,6 +154,12 @@ export class Replication implements ExportRegistry {
           resyncRateBytes: volume.resyncRateBytes,
           ...(this.witness === undefined ? {} : { witness: this.witness }),
           ...(options.roleWaitMs === undefined ? {} : { roleWaitMs: options.roleWaitMs }),
+          ...(options.onPeerRoundTrip === undefined
+            ? {}
+            : {
+                onPeerRoundTrip: (seconds: number) =>
+                  options.onPeerRoundTrip?.(volume.name, seconds),
+              }),
         },
         options.store.replica(volume.name) ?? initialRecord(volume.primary === options.nodeName),
       ),

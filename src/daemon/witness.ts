@@ -13,11 +13,11 @@
 import type { AddressInfo } from 'node:net'
 import { performance } from 'node:perf_hooks'
 import * as grpc from '@grpc/grpc-js'
-import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client'
+import { Counter, Gauge, Registry } from 'prom-client'
 import { DuplexError, errorMessage } from '../core/errors.js'
 import { formatEpoch } from '../core/epochs.js'
 import type { Logger } from '../core/log.js'
-import { MetricsServer } from '../metrics/http.js'
+import { MetricsServer, registerProcessMetrics } from '../metrics/http.js'
 import { Arbiter } from '../witness/arbiter.js'
 import type { Decision, VolumeRecord } from '../witness/arbiter.js'
 import { nodeLeaseDefaults } from '../witness/lease.js'
@@ -303,7 +303,7 @@ export async function startWitness(options: WitnessOptions): Promise<RunningWitn
   addAdminService(server, witness, log.child('admin'))
   const registry = new Registry()
   registry.setDefaultLabels({ witness: options.name })
-  collectDefaultMetrics({ register: registry })
+  registerProcessMetrics(registry)
   registerWitnessMetrics(registry, witness)
   const metrics = new MetricsServer(registry, log.child('metrics'))
 

@@ -1,9 +1,10 @@
 /**
- * Serves a prom-client registry at /metrics over HTTP. Issue 6 fills the registry with duplex's
- * own metrics; the endpoint and its address already belong to every daemon's contract.
+ * Serves a prom-client registry at /metrics over HTTP, and the process metrics every daemon
+ * exposes next to its own (docs/metrics.md).
  */
 import http from 'node:http'
 import type { AddressInfo } from 'node:net'
+import { collectDefaultMetrics } from 'prom-client'
 import type { Registry } from 'prom-client'
 import type { Logger } from '../core/log.js'
 import { errorMessage } from '../core/errors.js'
@@ -52,5 +53,21 @@ export class MetricsServer {
       this.log.error('metrics collection failed', { error: errorMessage(error) })
       response.writeHead(500, { 'content-type': 'text/plain' }).end('metrics collection failed\n')
     }
+  }
+}
+
+/**
+ * prom-client's process and Node.js metrics, minus three gauges it names with a `_total` suffix
+ * that Prometheus reserves for counters (`promtool check metrics` refuses them); the same values
+ * stay available without the suffix (`nodejs_active_handles` and the like).
+ */
+export function registerProcessMetrics(registry: Registry): void {
+  collectDefaultMetrics({ register: registry })
+  for (const name of [
+    'nodejs_active_handles_total',
+    'nodejs_active_requests_total',
+    'nodejs_active_resources_total',
+  ]) {
+    registry.removeSingleMetric(name)
   }
 }

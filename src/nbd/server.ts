@@ -13,6 +13,7 @@
  * close each connection. The daemon flushes the store after that.
  */
 import net from 'node:net'
+import { performance } from 'node:perf_hooks'
 import type { AddressInfo } from 'node:net'
 import { isDuplexError, errorMessage } from '../core/errors.js'
 import type { ErrorCode } from '../core/errors.js'
@@ -47,9 +48,20 @@ import {
 } from './protocol.js'
 import type { Command, RequestHeader, TransmissionContext } from './protocol.js'
 
+/**
+ * Told about every request a client sent in transmission (metrics, src/metrics/io-metrics.ts):
+ * `started` when it is dispatched, `finished` once its reply is queued. `kind` is the command
+ * (read, write, flush, trim, zero, cache, blockStatus); `bytes` the data it carries or asks for.
+ */
+export interface NbdRequestObserver {
+  started(volume: string, kind: string): void
+  finished(volume: string, kind: string, bytes: number, seconds: number, failed: boolean): void
+}
+
 export interface NbdServerOptions {
   registry: ExportRegistry
   log: Logger
+  observer?: NbdRequestObserver
   blockSizes?: BlockSizes
   /** A client that has not finished option haggling by then is disconnected. */
   handshakeTimeoutMs?: number
@@ -161,6 +173,7 @@ export class NbdServer {
       log: this.options.log.child(`conn ${peer}`),
       blockSizes: this.blockSizes,
       limits: this.limits,
+      observer: this.options.observer,
       onClosed: () => this.connections.delete(connection),
     })
     this.connections.add(connection)
@@ -172,6 +185,7 @@ interface ConnectionDeps {
   log: Logger
   blockSizes: BlockSizes
   limits: Limits
+  observer: NbdRequestObserver | undefined
   onClosed: () => void
 }
 
@@ -496,11 +510,19 @@ class Connection {
     const bytes = command.kind === 'read' ? command.length : (payload?.length ?? 0)
     this.inflightRequests += 1
     this.inflightBytes += bytes
+    const { observer } = this.deps
+    const volume = this.attachment?.device.info.name ?? ''
+    const started = observer === undefined ? 0 : performance.now()
+    observer?.started(volume, command.kind)
+    let failed = false
     this.execute(cookie, command, payload)
       .catch((error: unknown) => {
+        failed = true
         this.replyFailure(cookie, error)
       })
       .finally(() => {
+        const seconds = (performance.now() - started) / 1000
+        observer?.finished(volume, command.kind, bytes, seconds, failed)
         this.inflightRequests -= 1
         this.inflightBytes -= bytes
         if (this.inflightRequests === 0) {

@@ -123,6 +123,8 @@ export interface ReplicaControllerOptions {
   peerLease?: LeaseTiming
   /** Bytes per second a sync or resync may copy (0 or undefined: unlimited). */
   resyncRateBytes?: number
+  /** An op's round trip to the peer, in seconds (metrics). */
+  onPeerRoundTrip?: (seconds: number) => void
 }
 
 /** A snapshot for status, metrics and tests. */
@@ -150,6 +152,8 @@ export interface ReplicaStatus {
   dirtyBytes: number
   /** Bytes copied to the peer by syncs and resyncs since this node started. */
   resyncBytes: number
+  /** Primary only: write payload bytes on their way to both replicas. */
+  inflightBytes: number
   /** Why I/O cannot be served (on-lost-quorum applies), if it cannot. */
   quorumLost: string | undefined
   /** The histories fork: why, and what to do. */
@@ -306,6 +310,7 @@ export class ReplicaController implements BlockDevice {
       degraded: this.role.type === 'primary' && this.role.degraded,
       dirtyBytes: this.dirty.dirtyBytes,
       resyncBytes: this.resyncBytes,
+      inflightBytes: this.role.type === 'primary' ? this.role.device.inflightBytes : 0,
       quorumLost: this.quorumLost,
       splitBrain: this.splitBrain,
       forced: this.role.type === 'primary' && this.role.forced,
@@ -1072,6 +1077,9 @@ export class ReplicaController implements BlockDevice {
       onPeerRestarted: () => {
         void this.switchPrimary(device, false, 'the peer restarted')
       },
+      ...(this.options.onPeerRoundTrip === undefined
+        ? {}
+        : { onPeerRoundTrip: this.options.onPeerRoundTrip }),
     })
     this.role = { type: 'primary', device, degraded: degraded || forced, forced }
     this.roleStarted()

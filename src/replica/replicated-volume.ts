@@ -172,6 +172,8 @@ export interface PrimaryVolumeOptions {
    * new epoch once `idle()` resolves.
    */
   onPeerRestarted?: () => void
+  /** An op's round trip to the peer: sent on the stream until its ack (metrics). */
+  onPeerRoundTrip?: (seconds: number) => void
 }
 
 export class PrimaryVolume implements BlockDevice {
@@ -193,6 +195,8 @@ export class PrimaryVolume implements BlockDevice {
   private localIdleWaiters: (() => void)[] = []
   private coolTimer: NodeJS.Timeout | undefined
   private cooling = false
+  /** When each unacknowledged op went on the stream, by seq (for `onPeerRoundTrip`). */
+  private readonly sentAt = new Map<number, number>()
 
   private constructor(
     private readonly options: PrimaryVolumeOptions,
@@ -222,6 +226,11 @@ export class PrimaryVolume implements BlockDevice {
 
   get connected(): boolean {
     return this.core.isConnected
+  }
+
+  /** Write payload bytes on their way to both replicas (metrics). */
+  get inflightBytes(): number {
+    return this.core.inflightPayloadBytes
   }
 
   get counters(): Readonly<PrimaryCounters> {
@@ -560,6 +569,8 @@ export class PrimaryVolume implements BlockDevice {
           },
           sync?.wire?.data ?? request?.data ?? Buffer.alloc(0),
         )
+        if (this.options.onPeerRoundTrip !== undefined)
+          this.sentAt.set(effect.seq, performance.now())
         return
       }
       case 'flushLocal':
@@ -653,6 +664,11 @@ export class PrimaryVolume implements BlockDevice {
         { volume: this.info.name, epoch, fromNode: nodeName, incarnation },
         {
           onAck: (e, seq) => {
+            const sentAt = this.sentAt.get(seq)
+            if (sentAt !== undefined) {
+              this.sentAt.delete(seq)
+              this.options.onPeerRoundTrip?.((performance.now() - sentAt) / 1000)
+            }
             this.events.push({ type: 'peerAck', epoch: e, seq })
           },
           onFlushAck: (e, flushId) => {
@@ -718,6 +734,7 @@ export class PrimaryVolume implements BlockDevice {
   private onStreamClosed(reason: LinkClosed): void {
     if (this.stream === undefined) return
     this.stream = undefined
+    this.sentAt.clear() // re-sent ops are timed from their new send
     this.options.log.warn('peer stream closed', {
       volume: this.info.name,
       code: reason.code,

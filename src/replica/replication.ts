@@ -219,6 +219,11 @@ export class PrimaryReplication {
   // ---- queries
 
   /** False: the driver must stop reading requests until an effect frees room. */
+  /** Write payload bytes issued and not yet done on both replicas (metrics). */
+  get inflightPayloadBytes(): number {
+    return this.payloadBytes
+  }
+
   canAdmit(request: { kind: OpKind | 'flush'; length: number }): boolean {
     if (this.fencedBy !== undefined) return true // every request fails at once
     if (this.writes.size + this.flushRequests.size >= this.inflightOpsMax) return false

@@ -4,51 +4,11 @@
  * SIGINT, and reuse its state on the next run.
  */
 import t from 'tap'
-import { spawn } from 'node:child_process'
 import fs from 'node:fs/promises'
-import readline from 'node:readline'
-import { cliPath, freePorts, missingTools, run, tempDir } from '../lib/node-process.js'
+import { startDemo } from '../lib/demo-process.js'
+import { freePorts, missingTools, run, tempDir } from '../lib/node-process.js'
 
 const skip = await missingTools(['qemu-io'])
-
-interface Demo {
-  firstLine: string
-  secondLine: string
-  witnessLine: string
-  stop(signal: NodeJS.Signals): Promise<number | null>
-}
-
-async function startDemo(dir: string, port: number): Promise<Demo> {
-  const child = spawn(process.execPath, [cliPath, 'demo', '--dir', dir, '--port', String(port)], {
-    stdio: ['ignore', 'pipe', 'pipe'],
-  })
-  let stderr = ''
-  child.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString()))
-  const exited = new Promise<number | null>((resolve) => child.once('exit', resolve))
-  const lines = readline.createInterface({ input: child.stdout })
-  const received: string[] = []
-  const processLines = new Promise<string[]>((resolve) => {
-    lines.on('line', (line) => {
-      received.push(line)
-      if (received.length === 3) resolve(received)
-    })
-  })
-  const [firstLine = '', secondLine = '', witnessLine = ''] = await Promise.race([
-    processLines,
-    exited.then((code) => {
-      throw new Error(`demo exited with ${code ?? 'signal'} before printing:\n${stderr}`)
-    }),
-  ])
-  return {
-    firstLine,
-    secondLine,
-    witnessLine,
-    async stop(signal) {
-      child.kill(signal)
-      return exited
-    },
-  }
-}
 
 t.test(
   'duplex demo serves, stops cleanly, and keeps its data',

@@ -100,7 +100,7 @@ export async function missingTools(tools: string[]): Promise<string | undefined>
   const missing: string[] = []
   for (const tool of tools) if (!(await hasTool(tool))) missing.push(tool)
   if (missing.length === 0) return undefined
-  const reason = `missing tools: ${missing.join(', ')} (install qemu-utils libnbd-bin fio)`
+  const reason = `missing tools: ${missing.join(', ')} (install qemu-utils libnbd-bin fio prometheus)`
   if (process.env.DUPLEX_REQUIRE_TOOLS === '1')
     throw new Error(`DUPLEX_REQUIRE_TOOLS=1 and ${reason}`)
   return reason
