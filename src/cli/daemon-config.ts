@@ -14,6 +14,27 @@ import { DuplexError, errorMessage } from '../core/errors.js'
 
 export type OptionType = 'string' | 'number'
 
+/** What `duplex node --config FILE` may set: the node command's options. */
+export const nodeConfigOptions: Readonly<Record<string, OptionType>> = {
+  'data-dir': 'string',
+  listen: 'string',
+  advertise: 'string',
+  'metrics-listen': 'string',
+  name: 'string',
+  'block-size-min': 'number',
+  witness: 'string',
+  cluster: 'string',
+}
+
+/** What `duplex witness --config FILE` may set. */
+export const witnessConfigOptions: Readonly<Record<string, OptionType>> = {
+  'data-dir': 'string',
+  listen: 'string',
+  'metrics-listen': 'string',
+  name: 'string',
+  'lease-ms': 'number',
+}
+
 /** Reads and checks a daemon config file against the command's options (name -> type). */
 export function readDaemonConfig(
   file: string,

@@ -33,7 +33,7 @@ import {
 } from './catalog-command.js'
 import type { ClusterSource } from './catalog-command.js'
 import { runDemo } from './demo.js'
-import { readDaemonConfig } from './daemon-config.js'
+import { nodeConfigOptions, readDaemonConfig, witnessConfigOptions } from './daemon-config.js'
 import {
   promoteVolume,
   replicationStatus,
@@ -94,16 +94,7 @@ async function main(argv: string[]): Promise<number> {
                 describe: 'or a static cluster file: replicate the volumes it places on this node',
               })
               .config('config', 'a JSON file of these options (the command line wins)', (file) =>
-                readDaemonConfig(file, {
-                  'data-dir': 'string',
-                  listen: 'string',
-                  advertise: 'string',
-                  'metrics-listen': 'string',
-                  name: 'string',
-                  'block-size-min': 'number',
-                  witness: 'string',
-                  cluster: 'string',
-                }),
+                readDaemonConfig(file, nodeConfigOptions),
               ),
           (a) => {
             run(() =>
@@ -260,13 +251,7 @@ async function main(argv: string[]): Promise<number> {
             describe: 'node lease length; nodes learn it from the witness',
           })
           .config('config', 'a JSON file of these options (the command line wins)', (file) =>
-            readDaemonConfig(file, {
-              'data-dir': 'string',
-              listen: 'string',
-              'metrics-listen': 'string',
-              name: 'string',
-              'lease-ms': 'number',
-            }),
+            readDaemonConfig(file, witnessConfigOptions),
           ),
       (a) => {
         run(() =>
