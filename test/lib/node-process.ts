@@ -32,12 +32,13 @@ export interface RunResult {
 export async function run(
   command: string,
   args: string[],
-  options: { timeoutMs?: number; input?: string } = {},
+  options: { timeoutMs?: number; input?: string; env?: NodeJS.ProcessEnv } = {},
 ): Promise<RunResult> {
   try {
     const { stdout, stderr } = await execFileAsync(command, args, {
       timeout: options.timeoutMs ?? 120_000,
       maxBuffer: 64 * 1024 * 1024,
+      ...(options.env === undefined ? {} : { env: options.env }),
     })
     return { code: 0, stdout, stderr }
   } catch (error) {
