@@ -88,11 +88,23 @@ t.test(
       'node-b': `127.0.0.1:${nodes.get('node-b')?.metricsPort ?? 0}`,
       witness: `127.0.0.1:${witness.metricsPort ?? 0}`,
     }
+    let exposed = ''
     for (const [name, target] of Object.entries(targets)) {
       const body = await (await fetch(`http://${target}/metrics`)).text()
+      exposed += body
       const checked = await promtoolCheckMetrics(body)
       t.equal(checked.code, 0, `promtool check metrics on ${name}: ${checked.output}`)
     }
+    // Every duplex series the alert rules and the dashboard use is one the processes expose.
+    const dashboard = await fs.readFile(path.join(repoRoot, 'deploy/grafana/duplex.json'), 'utf8')
+    const alerts = await fs.readFile(path.join(rules, 'alerts.yml'), 'utf8')
+    const used = new Set(
+      [...`${dashboard}\n${alerts}`.matchAll(/\bduplex_[a-z_]+/g)]
+        .map(([name]) => name.replace(/_(bucket|count|sum)$/, ''))
+        .filter((name) => !name.startsWith('duplex:')),
+    )
+    const missing = [...used].filter((name) => !exposed.includes(`# TYPE ${name} `))
+    t.same(missing, [], `the rules and the dashboard use ${used.size} exposed series`)
 
     const promPort = await freePorts(1)
     const config = path.join(dir, 'prometheus.yml')
@@ -189,6 +201,44 @@ t.test(
     t.ok(value(await query('min(duplex_witness_lease_remaining_seconds)')) > 0, 'leases held')
     t.ok(value(await query('sum(process_resident_memory_bytes)')) > 0, 'process metrics')
 
+    // Every query of the dashboard is valid PromQL, and the health ones find data.
+    const panels = (
+      JSON.parse(await fs.readFile(path.join(repoRoot, 'deploy/grafana/duplex.json'), 'utf8')) as {
+        panels: { title: string; targets?: { expr: string }[] }[]
+      }
+    ).panels
+    const exprs = (title: string): string[] =>
+      (panels.find((panel) => panel.title === title)?.targets ?? []).map((target) =>
+        target.expr.replaceAll('$volume', '.*').replaceAll('$__rate_interval', '1m'),
+      )
+    let queries = 0
+    for (const panel of panels) {
+      for (const expr of exprs(panel.title)) {
+        queries += 1
+        await query(expr).catch((error: unknown) => {
+          t.fail(`${panel.title}: ${String(error)}`)
+        })
+      }
+    }
+    t.comment(`${queries} dashboard queries, all valid PromQL`)
+    // A rate needs two scrapes after the workload: wait for them.
+    for (const title of [
+      'Replica state',
+      'IOPS by volume',
+      'Throughput by volume',
+      'Write latency p50 / p99',
+      'Peer round trip p99',
+      'Node leases at the witness',
+    ]) {
+      const [expr = ''] = exprs(title)
+      t.ok(
+        await until(`data for "${title}"`, async () =>
+          (await query(expr)).length > 0 ? true : undefined,
+        ),
+        `the dashboard's "${title}" shows data`,
+      )
+    }
+
     // Kill the node that is not the primary: the primary runs alone, and Prometheus sees it.
     const [primary] = await query('duplex_replica_role{volume="vol",role="primary"} == 1')
     t.equal(primary?.metric['node'], 'node-a', 'the primary runs in the preferred site')
@@ -202,9 +252,10 @@ t.test(
       60_000,
     )
     t.ok(degraded, 'duplex_replica_degraded is 1 for the volume')
-    t.equal(
-      value(await query('duplex_witness_volumes{state="degraded"}')),
-      1,
+    t.ok(
+      await until('the witness counting it degraded', async () =>
+        value(await query('duplex_witness_volumes{state="degraded"}')) === 1 ? true : undefined,
+      ),
       'and the witness counts it degraded',
     )
   },
