@@ -70,7 +70,7 @@ export async function startNode(options: NodeOptions): Promise<RunningNode> {
   const nbd = new NbdServer({
     registry: replication ?? store,
     log: log.child('nbd'),
-    observer: new IoMetrics(registry),
+    observer: new IoMetrics(registry, () => (replication ?? store).list().map((v) => v.name)),
     ...(options.blockSizes === undefined ? {} : { blockSizes: options.blockSizes }),
   })
   const admin = new AdminSocketServer(
