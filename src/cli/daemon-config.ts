@@ -12,7 +12,7 @@
 import { readFileSync } from 'node:fs'
 import { DuplexError, errorMessage } from '../core/errors.js'
 
-export type OptionType = 'string' | 'number'
+export type OptionType = 'string' | 'number' | 'boolean'
 
 /** What `duplex node --config FILE` may set: the node command's options. */
 export const nodeConfigOptions: Readonly<Record<string, OptionType>> = {
@@ -24,6 +24,10 @@ export const nodeConfigOptions: Readonly<Record<string, OptionType>> = {
   'block-size-min': 'number',
   witness: 'string',
   cluster: 'string',
+  'tls-cert': 'string',
+  'tls-key': 'string',
+  'tls-ca': 'string',
+  'tls-required': 'boolean',
 }
 
 /** What `duplex witness --config FILE` may set. */
@@ -78,7 +82,7 @@ export function checkDaemonConfig(
     const ok =
       type === 'number'
         ? typeof value === 'number' && Number.isFinite(value)
-        : typeof value === 'string'
+        : typeof value === type
     if (!ok) {
       throw new DuplexError(
         'INVALID_ARGUMENT',

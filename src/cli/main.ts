@@ -84,6 +84,23 @@ async function main(argv: string[]): Promise<number> {
                 default: 1,
                 describe: 'minimum block size advertised to clients (1, 512 or 4096)',
               })
+              .option('tls-cert', {
+                type: 'string',
+                describe: "NBD over TLS: this node's certificate (PEM); with --tls-key",
+              })
+              .option('tls-key', {
+                type: 'string',
+                describe: 'NBD over TLS: its private key (PEM)',
+              })
+              .option('tls-ca', {
+                type: 'string',
+                describe: 'NBD over TLS: clients must present a certificate signed by this CA',
+              })
+              .option('tls-required', {
+                type: 'boolean',
+                default: false,
+                describe: 'refuse NBD clients that do not start TLS (NBD_REP_ERR_TLS_REQD)',
+              })
               .option('witness', {
                 type: 'string',
                 describe:
@@ -107,6 +124,10 @@ async function main(argv: string[]): Promise<number> {
                 blockSizeMin: a['block-size-min'],
                 cluster: a.cluster,
                 witness: a.witness,
+                tlsCert: a['tls-cert'],
+                tlsKey: a['tls-key'],
+                tlsCa: a['tls-ca'],
+                tlsRequired: a['tls-required'],
               }),
             )
           },

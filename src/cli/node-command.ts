@@ -7,13 +7,16 @@
  * with neither it serves its local volumes unreplicated.
  */
 import { createLogger } from '../core/log.js'
-import { DuplexError } from '../core/errors.js'
+import { readFileSync } from 'node:fs'
+import tls from 'node:tls'
+import { DuplexError, errorMessage } from '../core/errors.js'
 import { startNode } from '../daemon/node.js'
 import { parseReachableEndpoint, readClusterConfig } from '../daemon/cluster-config.js'
 import { CatalogFollower } from '../daemon/catalog-follower.js'
 import { faultsFromEnvironment } from '../daemon/faults.js'
 import { formatEndpoint, parseEndpoint } from '../core/endpoints.js'
 import { PAYLOAD_BYTES_MAX } from '../nbd/protocol.js'
+import type { NbdTlsOptions } from '../nbd/server.js'
 import { runUntilStopped } from './foreground.js'
 
 export interface NodeArgs {
@@ -26,6 +29,51 @@ export interface NodeArgs {
   witness?: string | undefined
   /** HOST:PORT clients reach the NBD server at, if not --listen (e.g. it listens on 0.0.0.0). */
   advertise?: string | undefined
+  /** NBD over TLS: certificate and key files (PEM), the clients' CA, and whether TLS is a must. */
+  tlsCert?: string | undefined
+  tlsKey?: string | undefined
+  tlsCa?: string | undefined
+  tlsRequired?: boolean | undefined
+}
+
+/** The NBD TLS settings from the command line, files read and checked (clear errors). */
+function nbdTls(args: NodeArgs): NbdTlsOptions | undefined {
+  const { tlsCert, tlsKey, tlsCa, tlsRequired } = args
+  if (tlsCert === undefined && tlsKey === undefined) {
+    if (tlsCa !== undefined || tlsRequired === true) {
+      throw new DuplexError(
+        'INVALID_ARGUMENT',
+        '--tls-ca and --tls-required need --tls-cert and --tls-key',
+      )
+    }
+    return undefined
+  }
+  if (tlsCert === undefined || tlsKey === undefined) {
+    throw new DuplexError('INVALID_ARGUMENT', 'NBD over TLS needs both --tls-cert and --tls-key')
+  }
+  const read = (file: string, what: string): Buffer => {
+    try {
+      return readFileSync(file)
+    } catch (error) {
+      throw new DuplexError(
+        'INVALID_ARGUMENT',
+        `cannot read the ${what} ${file}: ${errorMessage(error)}`,
+      )
+    }
+  }
+  const cert = read(tlsCert, 'TLS certificate')
+  const key = read(tlsKey, 'TLS key')
+  const ca = tlsCa === undefined ? undefined : read(tlsCa, 'TLS CA')
+  let context: tls.SecureContext
+  try {
+    context = tls.createSecureContext({ cert, key, ...(ca === undefined ? {} : { ca }) })
+  } catch (error) {
+    throw new DuplexError(
+      'INVALID_ARGUMENT',
+      `the TLS certificate, key or CA cannot be used: ${errorMessage(error)}`,
+    )
+  }
+  return { context, required: tlsRequired === true, verifyClients: ca !== undefined }
 }
 
 export async function runNodeCommand(args: NodeArgs): Promise<number> {
@@ -34,6 +82,7 @@ export async function runNodeCommand(args: NodeArgs): Promise<number> {
   }
   const log = createLogger(args.name)
   const listen = parseEndpoint(args.listen, '--listen')
+  const tlsOptions = nbdTls(args)
   const metricsListen =
     args.metricsListen === undefined
       ? undefined
@@ -63,6 +112,7 @@ export async function runNodeCommand(args: NodeArgs): Promise<number> {
     dataDir: args.dataDir,
     listen,
     ...(metricsListen === undefined ? {} : { metricsListen }),
+    ...(tlsOptions === undefined ? {} : { tls: tlsOptions }),
     blockSizes: {
       minBytes: args.blockSizeMin,
       preferredBytes: Math.max(4096, args.blockSizeMin),

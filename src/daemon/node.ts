@@ -8,6 +8,7 @@ import type { AddressInfo } from 'node:net'
 import { Gauge, Registry } from 'prom-client'
 import type { Logger } from '../core/log.js'
 import { NbdServer } from '../nbd/server.js'
+import type { NbdTlsOptions } from '../nbd/server.js'
 import type { BlockSizes } from '../nbd/handshake.js'
 import { NodeStore } from '../replica/store.js'
 import { AdminSocketServer, adminSocketPath, performAdminRequest } from './admin-socket.js'
@@ -27,6 +28,8 @@ export interface NodeOptions {
   listen: { host: string; port: number }
   metricsListen?: { host: string; port: number }
   blockSizes?: BlockSizes
+  /** NBD over TLS (STARTTLS), see NbdTlsOptions. */
+  tls?: NbdTlsOptions
   /** Replicate the volumes this cluster file places on this node (see cluster-config.ts). */
   cluster?: ClusterConfig
   /** Tuning and test hooks for replication. */
@@ -72,6 +75,7 @@ export async function startNode(options: NodeOptions): Promise<RunningNode> {
     log: log.child('nbd'),
     observer: new IoMetrics(registry, () => (replication ?? store).list().map((v) => v.name)),
     ...(options.blockSizes === undefined ? {} : { blockSizes: options.blockSizes }),
+    ...(options.tls === undefined ? {} : { tls: options.tls }),
   })
   const admin = new AdminSocketServer(
     {

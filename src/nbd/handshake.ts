@@ -51,13 +51,21 @@ export interface TransmissionStart {
 }
 
 export type Next =
-  { kind: 'continue' } | { kind: 'close' } | { kind: 'transmission'; start: TransmissionStart }
+  | { kind: 'continue' }
+  | { kind: 'close' }
+  | { kind: 'transmission'; start: TransmissionStart }
+  /** The ACK is in the replies: switch the connection to TLS, then `secured()`. */
+  | { kind: 'starttls' }
+
+/** NBD over TLS (NBD_OPT_STARTTLS): not offered, offered, or required before anything else. */
+export type TlsMode = 'off' | 'optional' | 'required'
 
 export interface Step {
   replies: Buffer[]
   next: Next
 }
 
+const STARTTLS: Next = { kind: 'starttls' }
 const CONTINUE: Next = { kind: 'continue' }
 const CLOSE: Next = { kind: 'close' }
 const KNOWN_CLIENT_FLAGS = ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES
@@ -81,11 +89,27 @@ export class Handshake {
   private noZeroes = false
   private structuredReplies = false
   private metaContext: { exportName: string; baseAllocation: boolean } | undefined
+  private secure = false
 
   constructor(
     private readonly exports: ExportLookup,
     private readonly blockSizes: BlockSizes,
+    private readonly tls: TlsMode = 'off',
   ) {}
+
+  /**
+   * The connection runs over TLS now. As the protocol says, what was negotiated in the clear is
+   * forgotten (structured replies, meta contexts): the client negotiates again.
+   */
+  secured(): void {
+    this.secure = true
+    this.structuredReplies = false
+    this.metaContext = undefined
+  }
+
+  get isSecure(): boolean {
+    return this.secure
+  }
 
   /** The client's 32-bit flags. Unknown bits, or a client without FIXED_NEWSTYLE, are refused. */
   start(clientFlags: number): Next {
@@ -96,6 +120,18 @@ export class Handshake {
   }
 
   option(option: number, data: Buffer): Step {
+    if (option === Opt.STARTTLS) return this.startTls(data)
+    if (this.tls === 'required' && !this.secure && option !== Opt.ABORT) {
+      // NBD_OPT_EXPORT_NAME has no error reply: the only answer is to hang up.
+      if (option === Opt.EXPORT_NAME) return { replies: [], next: CLOSE }
+      return this.reply(
+        encodeOptionError(
+          option,
+          Rep.ERR_TLS_REQD,
+          'this server requires TLS: connect with TLS (NBD_OPT_STARTTLS, an nbds:// URI)',
+        ),
+      )
+    }
     switch (option) {
       case Opt.EXPORT_NAME:
         return this.exportName(data)
@@ -116,6 +152,20 @@ export class Handshake {
           encodeOptionError(option, Rep.ERR_UNSUP, `option ${option} is not supported`),
         )
     }
+  }
+
+  private startTls(data: Buffer): Step {
+    const option = Opt.STARTTLS
+    if (this.tls === 'off') {
+      return this.reply(encodeOptionError(option, Rep.ERR_UNSUP, 'TLS is not configured here'))
+    }
+    if (this.secure) {
+      return this.reply(encodeOptionError(option, Rep.ERR_INVALID, 'TLS is already on'))
+    }
+    if (data.length !== 0) {
+      return this.reply(encodeOptionError(option, Rep.ERR_INVALID, 'STARTTLS carries no data'))
+    }
+    return { replies: [encodeOptionReply(option, Rep.ACK)], next: STARTTLS }
   }
 
   private reply(...replies: Buffer[]): Step {

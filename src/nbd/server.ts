@@ -13,6 +13,7 @@
  * close each connection. The daemon flushes the store after that.
  */
 import net from 'node:net'
+import tls from 'node:tls'
 import { performance } from 'node:perf_hooks'
 import type { AddressInfo } from 'node:net'
 import { isDuplexError, errorMessage } from '../core/errors.js'
@@ -58,10 +59,23 @@ export interface NbdRequestObserver {
   finished(volume: string, kind: string, bytes: number, seconds: number, failed: boolean): void
 }
 
+/**
+ * NBD over TLS, as QEMU does it: the client sends NBD_OPT_STARTTLS and the connection turns into
+ * a TLS session (x509). `required`: every other option before it gets NBD_REP_ERR_TLS_REQD.
+ * `context` holds the server's certificate and key, and, when `verifyClients`, the CA that must
+ * have signed the clients' certificates (mutual TLS: a client without one is refused).
+ */
+export interface NbdTlsOptions {
+  context: tls.SecureContext
+  required: boolean
+  verifyClients: boolean
+}
+
 export interface NbdServerOptions {
   registry: ExportRegistry
   log: Logger
   observer?: NbdRequestObserver
+  tls?: NbdTlsOptions
   blockSizes?: BlockSizes
   /** A client that has not finished option haggling by then is disconnected. */
   handshakeTimeoutMs?: number
@@ -174,6 +188,7 @@ export class NbdServer {
       blockSizes: this.blockSizes,
       limits: this.limits,
       observer: this.options.observer,
+      tls: this.options.tls,
       onClosed: () => this.connections.delete(connection),
     })
     this.connections.add(connection)
@@ -186,6 +201,7 @@ interface ConnectionDeps {
   blockSizes: BlockSizes
   limits: Limits
   observer: NbdRequestObserver | undefined
+  tls: NbdTlsOptions | undefined
   onClosed: () => void
 }
 
@@ -198,6 +214,8 @@ type Phase =
   | { kind: 'payload'; header: RequestHeader; command: Command }
   | { kind: 'drain'; header: RequestHeader; remaining: number; errno: number; message: string }
   | { kind: 'closing' }
+  /** The TLS handshake after STARTTLS runs. */
+  | { kind: 'tls' }
 
 class Connection {
   private readonly queue = new ByteQueue()
@@ -216,32 +234,81 @@ class Connection {
   private readonly closeWaiters: (() => void)[] = []
 
   constructor(
-    private readonly socket: net.Socket,
+    private socket: net.Socket,
     private readonly deps: ConnectionDeps,
   ) {
-    this.handshake = new Handshake(deps.registry, deps.blockSizes)
+    const tlsMode = deps.tls === undefined ? 'off' : deps.tls.required ? 'required' : 'optional'
+    this.handshake = new Handshake(deps.registry, deps.blockSizes, tlsMode)
     socket.setKeepAlive(true, 30_000)
-    socket.on('data', (chunk: Buffer) => {
-      // Nothing more will be parsed once closing: buffering it would let a client that ignores
-      // our FIN grow the queue without bound.
-      if (this.phase.kind === 'closing') return
-      this.queue.push(chunk)
-      this.pump()
-    })
-    socket.on('drain', () => {
-      this.pump()
-    })
-    socket.on('error', (error) => {
-      deps.log.debug('socket error', { error: errorMessage(error) })
-    })
-    socket.on('close', () => {
-      this.onSocketClosed()
-    })
+    this.listenTo(socket)
     this.handshakeTimer = setTimeout(() => {
       deps.log.warn('handshake timed out; disconnecting')
       this.destroy()
     }, deps.limits.handshakeTimeoutMs)
     socket.write(encodeServerGreeting())
+  }
+
+  private readonly onData = (chunk: Buffer): void => {
+    // Nothing more will be parsed once closing: buffering it would let a client that ignores
+    // our FIN grow the queue without bound.
+    if (this.phase.kind === 'closing') return
+    this.queue.push(chunk)
+    this.pump()
+  }
+
+  private readonly onDrain = (): void => {
+    this.pump()
+  }
+
+  private readonly onError = (error: Error): void => {
+    this.deps.log.debug('socket error', { error: errorMessage(error) })
+  }
+
+  private readonly onClose = (): void => {
+    this.onSocketClosed()
+  }
+
+  private listenTo(socket: net.Socket): void {
+    socket.on('data', this.onData)
+    socket.on('drain', this.onDrain)
+    socket.on('error', this.onError)
+    socket.on('close', this.onClose)
+  }
+
+  /**
+   * NBD_OPT_STARTTLS was acknowledged: the rest of the connection is a TLS session on the same
+   * TCP stream. The client waits for the ACK before its TLS hello, so nothing may be queued.
+   */
+  private startTls(): boolean {
+    const options = this.deps.tls
+    if (options === undefined || this.queue.length > 0) {
+      this.deps.log.warn('bytes after STARTTLS before the TLS handshake; disconnecting')
+      this.destroy()
+      return false
+    }
+    const raw = this.socket
+    raw.off('data', this.onData)
+    raw.off('drain', this.onDrain)
+    raw.off('error', this.onError)
+    raw.off('close', this.onClose)
+    const secure = new tls.TLSSocket(raw, {
+      isServer: true,
+      secureContext: options.context,
+      requestCert: options.verifyClients,
+      rejectUnauthorized: options.verifyClients,
+    })
+    this.socket = secure
+    this.listenTo(secure)
+    secure.once('secure', () => {
+      this.handshake.secured()
+      this.phase = { kind: 'optionHeader' }
+      this.pump()
+    })
+    secure.on('error', (error) => {
+      this.deps.log.warn('TLS handshake or session failed', { error: errorMessage(error) })
+    })
+    this.phase = { kind: 'tls' }
+    return false
   }
 
   /** Stops reading requests, waits for in-flight ones, then closes. */
@@ -343,6 +410,7 @@ class Connection {
       case 'drain':
         return this.drainPayload(phase)
       case 'closing':
+      case 'tls':
         return false
       default:
         return unreachable(phase)
@@ -414,6 +482,8 @@ class Connection {
         return false
       case 'transmission':
         return this.enterTransmission(next.start)
+      case 'starttls':
+        return this.startTls()
       default:
         return unreachable(next)
     }

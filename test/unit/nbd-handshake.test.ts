@@ -415,3 +415,63 @@ void t.test('unknown options are ERR_UNSUP and haggling continues', (t) => {
   )
   t.end()
 })
+
+void t.test('STARTTLS: offered, required, refused when off, once only', (t) => {
+  const tlsHandshake = (mode: 'off' | 'optional' | 'required'): Handshake => {
+    const h = new Handshake(lookup([vol]), blockSizes, mode)
+    h.start(BOTH)
+    return h
+  }
+  const none = Buffer.alloc(0)
+  // Off: unsupported, and the connection goes on in the clear.
+  t.same(transcript(tlsHandshake('off').option(Opt.STARTTLS, none), Opt.STARTTLS), [
+    'ERR_UNSUP (message)',
+    '-> continue',
+  ])
+  // Optional: ACK, then the connection turns to TLS; plain options work too.
+  const optional = tlsHandshake('optional')
+  t.same(transcript(optional.option(Opt.LIST, none), Opt.LIST), [
+    'SERVER vol',
+    'ACK',
+    '-> continue',
+  ])
+  t.same(transcript(optional.option(Opt.STARTTLS, Buffer.from('x')), Opt.STARTTLS), [
+    'ERR_INVALID (message)',
+    '-> continue',
+  ])
+  t.same(transcript(optional.option(Opt.STARTTLS, none), Opt.STARTTLS), ['ACK', '-> starttls'])
+  optional.secured()
+  t.ok(optional.isSecure)
+  t.same(transcript(optional.option(Opt.STARTTLS, none), Opt.STARTTLS), [
+    'ERR_INVALID (message)',
+    '-> continue',
+  ])
+  // Required: nothing but STARTTLS (and ABORT) before TLS; EXPORT_NAME can only be hung up on.
+  const required = tlsHandshake('required')
+  for (const option of [Opt.LIST, Opt.INFO, Opt.GO, Opt.STRUCTURED_REPLY]) {
+    t.same(
+      transcript(required.option(option, option === Opt.LIST ? none : infoRequest('vol')), option),
+      ['ERR_TLS_REQD (message)', '-> continue'],
+      `option ${option} before TLS`,
+    )
+  }
+  t.same(transcript(required.option(Opt.EXPORT_NAME, Buffer.from('vol')), Opt.EXPORT_NAME), [
+    '-> close',
+  ])
+  const secured = tlsHandshake('required')
+  t.same(transcript(secured.option(Opt.STARTTLS, none), Opt.STARTTLS), ['ACK', '-> starttls'])
+  secured.secured()
+  t.same(transcript(secured.option(Opt.LIST, none), Opt.LIST), ['SERVER vol', 'ACK', '-> continue'])
+  t.equal(
+    transcript(secured.option(Opt.GO, infoRequest('vol')), Opt.GO)
+      .at(-1)
+      ?.startsWith('-> transmission'),
+    true,
+    'after TLS the export opens',
+  )
+  t.same(transcript(tlsHandshake('required').option(Opt.ABORT, none), Opt.ABORT), [
+    'ACK',
+    '-> close',
+  ])
+  t.end()
+})

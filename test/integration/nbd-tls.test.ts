@@ -1,0 +1,134 @@
+/**
+ * NBD over TLS the way QEMU does it (NBD_OPT_STARTTLS, x509), with real clients: qemu-io with
+ * `--object tls-creds-x509` and nbdinfo with `nbds://` read and write a volume; a node that
+ * requires TLS refuses plaintext clients (NBD_REP_ERR_TLS_REQD), clients without a certificate
+ * and clients whose certificate another CA signed, before they reach any data; a node that only
+ * offers TLS serves both; bad TLS settings are clear errors at start.
+ */
+import t from 'tap'
+import type { Test } from 'tap'
+import fs from 'node:fs/promises'
+import path from 'node:path'
+import { duplex, missingTools, run, spawnDaemon, tempDir } from '../lib/node-process.js'
+import type { DaemonProcess } from '../lib/node-process.js'
+import { makePki } from '../lib/tls-certs.js'
+
+const skip = await missingTools(['qemu-io', 'nbdinfo', 'openssl'])
+
+async function startTlsNode(
+  t: Test,
+  dir: string,
+  tlsArgs: string[],
+): Promise<{ daemon: DaemonProcess; address: string }> {
+  await fs.mkdir(dir, { recursive: true })
+  const created = await duplex(['volume', 'create', 'v', '--size', '64M', '--data-dir', dir])
+  t.equal(created.code, 0, created.stderr)
+  const daemon = await spawnDaemon('tls node', [
+    ...['node', '--name', 'n', '--data-dir', dir, '--listen', '127.0.0.1:0'],
+    ...tlsArgs,
+  ])
+  t.teardown(() => daemon.stop())
+  const address = /nbd:\/\/(\S+)/.exec(daemon.ready)?.[1] ?? ''
+  return { daemon, address }
+}
+
+function qemuTls(
+  clientDir: string,
+  address: string,
+  ...commands: string[]
+): Promise<{
+  code: number
+  stdout: string
+  stderr: string
+}> {
+  const [host, port] = address.split(':')
+  return run('qemu-io', [
+    ...['--object', `tls-creds-x509,id=tls0,endpoint=client,dir=${clientDir}`],
+    '--image-opts',
+    ...commands.flatMap((command) => ['-c', command]),
+    `driver=nbd,host=${host ?? ''},port=${port ?? ''},export=v,tls-creds=tls0`,
+  ])
+}
+
+t.test('a node that requires TLS with client certificates', { skip: skip ?? false }, async (t) => {
+  const dir = await tempDir('duplex-tls-')
+  t.teardown(() => fs.rm(dir, { recursive: true, force: true }))
+  const pki = await makePki(path.join(dir, 'pki'))
+  const { address } = await startTlsNode(t, path.join(dir, 'node'), [
+    ...['--tls-cert', pki.serverCert, '--tls-key', pki.serverKey, '--tls-ca', pki.caCert],
+    '--tls-required',
+  ])
+
+  const written = await qemuTls(pki.clientDir, address, 'write -P 0x3c 1M 4M', 'read -P 0x3c 1M 4M')
+  t.equal(written.code, 0, `qemu-io over TLS writes and reads: ${written.stderr}`)
+  const info = await run('nbdinfo', [`nbds://${address}/v?tls-certificates=${pki.clientDir}`])
+  t.equal(info.code, 0, info.stderr)
+  t.match(info.stdout, /newstyle-fixed with TLS/, 'nbdinfo negotiated TLS')
+  t.match(info.stdout, /export-size: 67108864/)
+
+  const plain = await run('qemu-io', ['-f', 'raw', '-c', 'read 0 4k', `nbd://${address}/v`])
+  t.not(plain.code, 0, 'a plaintext client is refused')
+  t.match(plain.stderr, /this server requires TLS/)
+  const plainInfo = await run('nbdinfo', [`nbd://${address}/v`])
+  t.not(plainInfo.code, 0, 'nbdinfo in the clear is refused too')
+
+  for (const [who, clientDir] of [
+    ['a client without a certificate', pki.anonymousDir],
+    ['a client whose certificate another CA signed', pki.strangerDir],
+  ] as const) {
+    const refused = await qemuTls(clientDir, address, 'read -P 0x3c 1M 4k')
+    t.not(refused.code, 0, `${who} is refused`)
+    t.notMatch(refused.stdout, /read 4096\/4096/, `${who} reads nothing`)
+    const viaNbdinfo = await run('nbdinfo', [`nbds://${address}/v?tls-certificates=${clientDir}`])
+    t.not(viaNbdinfo.code, 0, `${who}: nbdinfo refused`)
+  }
+  const again = await qemuTls(pki.clientDir, address, 'read -P 0x3c 1M 4M')
+  t.equal(again.code, 0, 'the data is intact and still served to the good client')
+})
+
+t.test(
+  'a node that offers TLS serves plaintext and TLS clients',
+  { skip: skip ?? false },
+  async (t) => {
+    const dir = await tempDir('duplex-tls-')
+    t.teardown(() => fs.rm(dir, { recursive: true, force: true }))
+    const pki = await makePki(path.join(dir, 'pki'))
+    const { address } = await startTlsNode(t, path.join(dir, 'node'), [
+      ...['--tls-cert', pki.serverCert, '--tls-key', pki.serverKey],
+    ])
+    const secure = await qemuTls(pki.anonymousDir, address, 'write -P 0x5e 0 1M')
+    t.equal(secure.code, 0, `server-only TLS: ${secure.stderr}`)
+    const plain = await run('qemu-io', [
+      '-f',
+      'raw',
+      '-c',
+      'read -P 0x5e 0 1M',
+      `nbd://${address}/v`,
+    ])
+    t.equal(plain.code, 0, `and in the clear: ${plain.stderr}`)
+  },
+)
+
+t.test('bad TLS settings stop the node with a clear error', { skip: skip ?? false }, async (t) => {
+  const dir = await tempDir('duplex-tls-')
+  t.teardown(() => fs.rm(dir, { recursive: true, force: true }))
+  const pki = await makePki(path.join(dir, 'pki'))
+  const node = ['node', '--data-dir', path.join(dir, 'node'), '--listen', '127.0.0.1:0']
+  const cases: [string[], RegExp][] = [
+    [['--tls-cert', pki.serverCert], /needs both --tls-cert and --tls-key/],
+    [['--tls-required'], /--tls-ca and --tls-required need --tls-cert and --tls-key/],
+    [
+      ['--tls-cert', pki.serverCert, '--tls-key', path.join(dir, 'nope.pem')],
+      /cannot read the TLS key/,
+    ],
+    [
+      ['--tls-cert', pki.serverCert, '--tls-key', pki.caCert],
+      /the TLS certificate, key or CA cannot be used/,
+    ],
+  ]
+  for (const [args, message] of cases) {
+    const result = await duplex([...node, ...args], 30_000)
+    t.equal(result.code, 2, `${args.join(' ')}: exit code 2`)
+    t.match(result.stderr, message)
+  }
+})
