@@ -220,11 +220,15 @@ export async function createCatalogVolume(
     onLostQuorum: OnLostQuorum
     resyncRate?: string | undefined
     followTheWriter: boolean
+    allowClients?: string[] | undefined
+    allowAddresses?: string[] | undefined
     wait?: boolean | undefined
   },
 ): Promise<void> {
   const catalog = await change(witness, {
     type: 'createVolume',
+    allowClients: options.allowClients,
+    allowAddresses: options.allowAddresses,
     name,
     sizeBytes: parseSize(options.size),
     preferredDomain: options.preferredDomain,
@@ -346,6 +350,34 @@ export async function resizeCatalogVolume(
     }
     await new Promise((resolve) => setTimeout(resolve, 500))
   }
+}
+
+/** `duplex volume access`: replaces the volume's access lists (`--open` clears them). */
+export async function setVolumeAccess(
+  witness: string,
+  name: string,
+  options: { allowClients: string[]; allowAddresses: string[]; open: boolean },
+): Promise<void> {
+  const none = options.allowClients.length + options.allowAddresses.length === 0
+  if (none && !options.open) {
+    throw new DuplexError(
+      'INVALID_ARGUMENT',
+      'name who may open the volume (--allow-client, --allow-address), or --open for everyone',
+    )
+  }
+  if (!none && options.open) {
+    throw new DuplexError('INVALID_ARGUMENT', '--open clears the lists; give it alone')
+  }
+  const catalog = await change(witness, {
+    type: 'setVolumeAccess',
+    name,
+    allowClients: options.allowClients,
+    allowAddresses: options.allowAddresses,
+  })
+  const volume = catalog.volumes.find((each) => each.name === name)
+  const clients = volume?.allowClients.join(', ') || 'any'
+  const addresses = volume?.allowAddresses.join(', ') || 'any'
+  process.stdout.write(`${name}: clients ${clients}; addresses ${addresses}\n`)
 }
 
 /**

@@ -28,6 +28,7 @@ import {
   removeDomain,
   removeNode,
   resizeCatalogVolume,
+  setVolumeAccess,
   showCatalogVolume,
   showNode,
 } from './catalog-command.js'
@@ -385,6 +386,16 @@ async function main(argv: string[]): Promise<number> {
                 default: false,
                 describe: 'move the primary to the site that writes most',
               })
+              .option('allow-client', {
+                type: 'string',
+                array: true,
+                describe: 'only TLS clients whose certificate has this common name (repeatable)',
+              })
+              .option('allow-address', {
+                type: 'string',
+                array: true,
+                describe: 'only clients from this address or CIDR block (repeatable)',
+              })
               .option('wait', {
                 type: 'boolean',
                 default: false,
@@ -400,8 +411,41 @@ async function main(argv: string[]): Promise<number> {
                     onLostQuorum: a['on-lost-quorum'],
                     resyncRate: a['resync-rate'],
                     followTheWriter: a['follow-the-writer'],
+                    allowClients: a['allow-client'],
+                    allowAddresses: a['allow-address'],
                     wait: a.wait,
                   }),
+            )
+          },
+        )
+        .command(
+          'access <name>',
+          'who may open a volume over NBD: TLS client certificates and addresses (replaces the lists)',
+          (c) =>
+            c
+              .positional('name', { type: 'string', demandOption: true })
+              .option('allow-client', {
+                type: 'string',
+                array: true,
+                describe: 'a TLS client certificate common name (repeatable)',
+              })
+              .option('allow-address', {
+                type: 'string',
+                array: true,
+                describe: 'an address or CIDR block (repeatable)',
+              })
+              .option('open', {
+                type: 'boolean',
+                default: false,
+                describe: 'clear both lists: every client may open the volume',
+              }),
+          (a) => {
+            run(() =>
+              setVolumeAccess(a.witness, a.name, {
+                allowClients: a['allow-client'] ?? [],
+                allowAddresses: a['allow-address'] ?? [],
+                open: a.open,
+              }),
             )
           },
         )
@@ -491,7 +535,7 @@ async function main(argv: string[]): Promise<number> {
         )
         .demandCommand(
           1,
-          'name a volume command: create, list, show, move, resize, delete, promote, resolve, status or verify',
+          'name a volume command: create, list, show, access, move, resize, delete, promote, resolve, status or verify',
         ),
     )
     .command(

@@ -36,8 +36,8 @@
  * the first problem found (nodes before volumes, in file order), e.g.
  * `cluster.json: volumes[0].replicas: node-a and node-c are both in domain site-a; ...`.
  */
+import { BlockList, isIP } from 'node:net'
 import { readFile } from 'node:fs/promises'
-import { isIP } from 'node:net'
 import { assert } from '../core/assert.js'
 import { DuplexError, errorMessage, isDuplexError } from '../core/errors.js'
 import { parseSize } from '../core/units.js'
@@ -63,6 +63,11 @@ export interface ClusterVolume {
   resyncRateBytes: number
   /** A replica move under way (catalog only): `from`'s replica is copied to `to` (move.ts). */
   move?: { from: string; to: string } | undefined
+  /**
+   * Who may open the volume over NBD: certificate common names (TLS clients) and addresses or
+   * CIDR blocks. An empty list does not restrict; both lists must let a client in.
+   */
+  access?: { clients: string[]; addresses: string[] } | undefined
 }
 
 /** DRBD's on-no-quorum: fail I/O (io-error) or hold it (suspend-io). */
@@ -86,6 +91,7 @@ const volumeKeys = [
   'onLostQuorum',
   'resyncRate',
   'move',
+  'access',
 ]
 
 /** The rule of `validateVolumeName`, for node and domain names. */
@@ -332,6 +338,7 @@ function parseVolume(volumeJson: unknown, at: ConfigProblem, nodes: ClusterNode[
   const onLostQuorum = parseOnLostQuorum(entry['onLostQuorum'], at.at('onLostQuorum'))
   const resyncRateBytes = parseRate(entry['resyncRate'], at.at('resyncRate'))
   const move = parseMove(entry['move'], at.at('move'), replicas, nodes)
+  const access = parseAccess(entry['access'], at.at('access'))
   return {
     name,
     sizeBytes,
@@ -341,7 +348,85 @@ function parseVolume(volumeJson: unknown, at: ConfigProblem, nodes: ClusterNode[
     onLostQuorum,
     resyncRateBytes,
     ...(move === undefined ? {} : { move }),
+    ...(access === undefined ? {} : { access }),
   }
+}
+
+/** `{"clients": [CN...], "addresses": [IP or CIDR...]}`, both optional. */
+function parseAccess(
+  value: unknown,
+  at: ConfigProblem,
+): { clients: string[]; addresses: string[] } | undefined {
+  if (value === undefined) return undefined
+  const entry = requireRecord(value, at, ['clients', 'addresses'])
+  const list = (key: string): string[] => {
+    const raw = entry[key]
+    if (raw === undefined) return []
+    if (!Array.isArray(raw) || !raw.every((item) => typeof item === 'string' && item !== '')) {
+      throw at.at(key).error(`expected a list of non-empty strings, got ${describe(raw)}`)
+    }
+    return raw as string[]
+  }
+  const addresses = list('addresses')
+  for (const address of addresses) {
+    const problem = addressPatternProblem(address)
+    if (problem !== undefined) throw at.at('addresses').error(problem)
+  }
+  return { clients: list('clients'), addresses }
+}
+
+/** Why `pattern` is not an IP address or a CIDR block (undefined: it is one). */
+export function addressPatternProblem(pattern: string): string | undefined {
+  const [address = '', bits, extra] = pattern.split('/')
+  const family = isIP(address)
+  if (family === 0 || extra !== undefined)
+    return `${JSON.stringify(pattern)} is not an IP address or a CIDR block`
+  if (bits === undefined) return undefined
+  const prefix = Number(bits)
+  if (!/^\d+$/.test(bits) || prefix > (family === 4 ? 32 : 128)) {
+    return `${JSON.stringify(pattern)} has a bad prefix length`
+  }
+  return undefined
+}
+
+/**
+ * Why `client` may not open `volume` by its access list (undefined: it may). A client must match
+ * both lists that are not empty; one without a verified certificate matches no client name.
+ */
+export function accessRefusal(
+  volume: ClusterVolume,
+  client: { address: string; certificateName: string | undefined },
+): string | undefined {
+  const access = volume.access
+  if (access === undefined) return undefined
+  if (access.clients.length > 0) {
+    const name = client.certificateName
+    if (name === undefined) {
+      return `volume ${volume.name} is open only to TLS clients with a certificate it names`
+    }
+    if (!access.clients.includes(name)) {
+      return `the certificate ${JSON.stringify(name)} may not open volume ${volume.name}`
+    }
+  }
+  if (access.addresses.length > 0 && !addressAllowed(access.addresses, client.address)) {
+    return `address ${client.address} may not open volume ${volume.name}`
+  }
+  return undefined
+}
+
+function addressAllowed(patterns: readonly string[], address: string): boolean {
+  const plain =
+    address.startsWith('::ffff:') && isIP(address.slice(7)) === 4 ? address.slice(7) : address
+  const family = isIP(plain)
+  if (family === 0) return false
+  const list = new BlockList()
+  for (const pattern of patterns) {
+    const [base = '', bits] = pattern.split('/')
+    const type = isIP(base) === 4 ? 'ipv4' : 'ipv6'
+    if (bits === undefined) list.addAddress(base, type)
+    else list.addSubnet(base, Number(bits), type)
+  }
+  return list.check(plain, family === 4 ? 'ipv4' : 'ipv6')
 }
 
 /** `{"from": NODE, "to": NODE}`: `from` holds a replica, `to` is another known node. */

@@ -24,7 +24,7 @@ import type { NodeStore, ReplicaRecord } from '../replica/store.js'
 import { WitnessSession } from '../replica/witness-session.js'
 import { WitnessClient } from '../witness/witness-service.js'
 import type { ClusterConfig, ClusterNode, ClusterVolume } from './cluster-config.js'
-import { findNode, volumesMovingTo, volumesOfNode } from './cluster-config.js'
+import { accessRefusal, findNode, volumesMovingTo, volumesOfNode } from './cluster-config.js'
 import { bootId } from '../core/boot-id.js'
 import type {
   MoveAdoptReply,
@@ -482,6 +482,15 @@ export class Replication implements ExportRegistry {
 
   find(name: string): ExportInfo | undefined {
     return this.refused.has(name) ? undefined : this.options.store.find(name)
+  }
+
+  /** A volume's access list (catalog `volume access`): who may open it over NBD. */
+  refuse(
+    name: string,
+    client: { address: string; certificateName: string | undefined },
+  ): string | undefined {
+    const volume = this.config.volumes.find((each) => each.name === name)
+    return volume === undefined ? undefined : accessRefusal(volume, client)
   }
 
   attach(name: string): Attachment | undefined {

@@ -53,6 +53,11 @@ export interface Attachment {
 export interface ExportRegistry {
   list(): ExportInfo[]
   find(name: string): ExportInfo | undefined
+  /** Why this client may not open the export (its access list), or undefined if it may. */
+  refuse?(
+    name: string,
+    client: { address: string; certificateName: string | undefined },
+  ): string | undefined
   /** Opens the export for one client connection, or undefined if there is no such export. */
   attach(name: string): Attachment | undefined
 }

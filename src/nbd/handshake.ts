@@ -38,9 +38,17 @@ export interface BlockSizes {
   maxBytes: number
 }
 
+/** Who is asking: the client's address, and the common name of its TLS certificate if any. */
+export interface ClientIdentity {
+  address: string
+  certificateName: string | undefined
+}
+
 export interface ExportLookup {
   list(): ExportInfo[]
   find(name: string): ExportInfo | undefined
+  /** Why `client` may not open `name` (a volume's access list), or undefined if it may. */
+  refuse?(name: string, client: ClientIdentity): string | undefined
 }
 
 export interface TransmissionStart {
@@ -95,7 +103,16 @@ export class Handshake {
     private readonly exports: ExportLookup,
     private readonly blockSizes: BlockSizes,
     private readonly tls: TlsMode = 'off',
+    private readonly client: () => ClientIdentity = () => ({
+      address: '',
+      certificateName: undefined,
+    }),
   ) {}
+
+  /** Why this client may not open `info` (undefined: it may). */
+  private refusal(info: ExportInfo): string | undefined {
+    return this.exports.refuse?.(info.name, this.client())
+  }
 
   /**
    * The connection runs over TLS now. As the protocol says, what was negotiated in the clear is
@@ -183,7 +200,7 @@ export class Handshake {
   private exportName(data: Buffer): Step {
     const info = data.length <= 4096 ? this.resolve(data.toString('utf8')) : undefined
     // NBD_OPT_EXPORT_NAME has no error reply: the only way to refuse is to hang up.
-    if (info === undefined) return { replies: [], next: CLOSE }
+    if (info === undefined || this.refusal(info) !== undefined) return { replies: [], next: CLOSE }
     const flags = transmissionFlags(info, this.structuredReplies)
     return {
       replies: [encodeExportNameReply(info.sizeBytes, flags, this.noZeroes)],
@@ -208,6 +225,7 @@ export class Handshake {
     }
     const replies = this.exports
       .list()
+      .filter((info) => this.refusal(info) === undefined)
       .map((info) => encodeOptionReply(Opt.LIST, Rep.SERVER, encodeServerEntry(info.name)))
     replies.push(encodeOptionReply(Opt.LIST, Rep.ACK))
     return { replies, next: CONTINUE }
@@ -221,6 +239,8 @@ export class Handshake {
     if (info === undefined) {
       return this.reply(encodeOptionError(option, Rep.ERR_UNKNOWN, `no export named "${name}"`))
     }
+    const refused = this.refusal(info)
+    if (refused !== undefined) return this.reply(encodeOptionError(option, Rep.ERR_POLICY, refused))
     const flags = transmissionFlags(info, this.structuredReplies)
     const replies = [encodeOptionReply(option, Rep.INFO, encodeInfoExport(info.sizeBytes, flags))]
     const { minBytes, preferredBytes, maxBytes } = this.blockSizes

@@ -23,7 +23,7 @@ import type { Logger } from '../core/log.js'
 import { ByteQueue } from './byte-queue.js'
 import type { Attachment, ExportRegistry } from './exports.js'
 import { Handshake } from './handshake.js'
-import type { BlockSizes, TransmissionStart } from './handshake.js'
+import type { BlockSizes, ClientIdentity, TransmissionStart } from './handshake.js'
 import {
   BASE_ALLOCATION_ID,
   Errno,
@@ -230,6 +230,8 @@ class Connection {
   private paused = false
   private corked = false
   private closed = false
+  /** TLS is on and the client's certificate was verified against the CA. */
+  private clientVerified = false
   private readonly idleWaiters: (() => void)[] = []
   private readonly closeWaiters: (() => void)[] = []
 
@@ -238,7 +240,9 @@ class Connection {
     private readonly deps: ConnectionDeps,
   ) {
     const tlsMode = deps.tls === undefined ? 'off' : deps.tls.required ? 'required' : 'optional'
-    this.handshake = new Handshake(deps.registry, deps.blockSizes, tlsMode)
+    this.handshake = new Handshake(deps.registry, deps.blockSizes, tlsMode, () =>
+      this.clientIdentity(),
+    )
     socket.setKeepAlive(true, 30_000)
     this.listenTo(socket)
     this.handshakeTimer = setTimeout(() => {
@@ -300,6 +304,7 @@ class Connection {
     this.socket = secure
     this.listenTo(secure)
     secure.once('secure', () => {
+      this.clientVerified = options.verifyClients
       this.handshake.secured()
       this.phase = { kind: 'optionHeader' }
       this.pump()
@@ -309,6 +314,20 @@ class Connection {
     })
     this.phase = { kind: 'tls' }
     return false
+  }
+
+  /** The client's address, and its certificate's common name once TLS verified it. */
+  private clientIdentity(): ClientIdentity {
+    const address = this.socket.remoteAddress ?? ''
+    // With client verification on, OpenSSL refused any certificate the CA did not sign during
+    // the handshake (a TLSSocket made by hand does not set `authorized`).
+    if (!(this.socket instanceof tls.TLSSocket) || !this.clientVerified) {
+      return { address, certificateName: undefined }
+    }
+    const subject = this.socket.getPeerCertificate().subject as
+      Record<string, string | string[] | undefined> | undefined
+    const name = subject?.['CN']
+    return { address, certificateName: typeof name === 'string' ? name : undefined }
   }
 
   /** Stops reading requests, waits for in-flight ones, then closes. */

@@ -170,7 +170,22 @@ function readVolume(message: Fields): CatalogVolume {
     followTheWriter: readBool(message, 'followTheWriter'),
     moveFrom: readName(message, 'moveFrom', false),
     moveTo: readName(message, 'moveTo', false),
+    allowClients: readStrings(message, 'allowClients'),
+    allowAddresses: readStrings(message, 'allowAddresses'),
   }
+}
+
+/** Access list entries: at most 256 strings of at most 253 bytes. */
+function readStrings(message: Fields, name: string): string[] {
+  const value = message[name]
+  if (value === undefined) return []
+  if (!Array.isArray(value) || value.length > 256) return fail(`${name}: at most 256 entries`)
+  return value.map((entry: unknown) => {
+    if (typeof entry !== 'string' || Buffer.byteLength(entry) > 253) {
+      return fail(`${name}: entries are strings of at most 253 bytes`)
+    }
+    return entry
+  })
 }
 
 function readCatalog(message: Fields): Catalog {
@@ -198,6 +213,13 @@ function commandProblem(command: CatalogCommand): Problem {
     case 'cancelMove':
     case 'drainNode':
       return name
+    case 'setVolumeAccess':
+      return firstProblem(
+        name,
+        command.allowClients.length + command.allowAddresses.length > 256
+          ? 'at most 256 access entries'
+          : undefined,
+      )
     case 'moveVolume':
     case 'completeMove':
       return firstProblem(
@@ -266,6 +288,16 @@ function writeCommand(command: CatalogCommand): Fields {
           onLostQuorum: enumToWire(onLostQuorumValues, command.onLostQuorum ?? 'error'),
           resyncRateBytes: command.resyncRateBytes ?? 0,
           followTheWriter: command.followTheWriter ?? false,
+          allowClients: command.allowClients ?? [],
+          allowAddresses: command.allowAddresses ?? [],
+        },
+      }
+    case 'setVolumeAccess':
+      return {
+        setVolumeAccess: {
+          name: command.name,
+          allowClients: command.allowClients,
+          allowAddresses: command.allowAddresses,
         },
       }
     case 'resizeVolume':
@@ -350,6 +382,17 @@ function readCommand(message: Fields): CatalogCommand {
       onLostQuorum: readEnum(fields, 'onLostQuorum', onLostQuorumValues) ?? 'error',
       resyncRateBytes: readU64(fields, 'resyncRateBytes'),
       followTheWriter: readBool(fields, 'followTheWriter'),
+      allowClients: readStrings(fields, 'allowClients'),
+      allowAddresses: readStrings(fields, 'allowAddresses'),
+    }
+  }
+  fields = member(message, 'setVolumeAccess')
+  if (fields !== undefined) {
+    return {
+      type: 'setVolumeAccess',
+      name: readName(fields, 'name'),
+      allowClients: readStrings(fields, 'allowClients'),
+      allowAddresses: readStrings(fields, 'allowAddresses'),
     }
   }
   fields = member(message, 'resizeVolume')

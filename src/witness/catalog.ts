@@ -14,7 +14,7 @@ import { formatEndpoint } from '../core/endpoints.js'
 import type { ErrorCode } from '../core/errors.js'
 import { DuplexError, isDuplexError } from '../core/errors.js'
 import { formatSize } from '../core/units.js'
-import { parseReachableEndpoint } from '../daemon/cluster-config.js'
+import { addressPatternProblem, parseReachableEndpoint } from '../daemon/cluster-config.js'
 import type { OnLostQuorum } from '../daemon/cluster-config.js'
 import { place } from '../placement/placement.js'
 import type { ClusterView, DomainKind, PlacementRequest } from '../placement/placement.js'
@@ -62,6 +62,9 @@ export interface CatalogVolume {
    */
   moveFrom: string
   moveTo: string
+  /** Who may open it over NBD: TLS certificate common names, and addresses or CIDR blocks. */
+  allowClients: string[]
+  allowAddresses: string[]
 }
 
 export interface Catalog {
@@ -98,7 +101,11 @@ export type CatalogCommand =
       onLostQuorum?: OnLostQuorum | undefined
       resyncRateBytes?: number | undefined
       followTheWriter?: boolean | undefined
+      allowClients?: string[] | undefined
+      allowAddresses?: string[] | undefined
     }
+  /** Replace a volume's access lists (empty lists: open to every client). */
+  | { type: 'setVolumeAccess'; name: string; allowClients: string[]; allowAddresses: string[] }
   | { type: 'resizeVolume'; name: string; sizeBytes: number }
   | { type: 'deleteVolume'; name: string }
   /** Rebuild the replica on `fromNode` on another node of its domain (`toNode`, or placement's). */
@@ -183,6 +190,9 @@ export function clusterJsonOf(catalog: Catalog, witness: string): unknown {
       onLostQuorum: volume.onLostQuorum,
       ...(volume.resyncRateBytes > 0 ? { resyncRate: volume.resyncRateBytes } : {}),
       ...(volume.moveTo === '' ? {} : { move: { from: volume.moveFrom, to: volume.moveTo } }),
+      ...(volume.allowClients.length + volume.allowAddresses.length === 0
+        ? {}
+        : { access: { clients: volume.allowClients, addresses: volume.allowAddresses } }),
     })),
   }
 }
@@ -213,6 +223,8 @@ function apply(catalog: Catalog, command: CatalogCommand, context: CatalogContex
       return drainNode(catalog, command.name, context)
     case 'completeMove':
       return completeMove(catalog, command)
+    case 'setVolumeAccess':
+      return setVolumeAccess(catalog, command)
   }
 }
 
@@ -425,6 +437,7 @@ function createVolume(
     followTheWriter: command.followTheWriter ?? false,
     moveFrom: '',
     moveTo: '',
+    ...checkedAccess(command.allowClients ?? [], command.allowAddresses ?? []),
   }
   return { ...catalog, volumes: [...catalog.volumes, volume] }
 }
@@ -585,4 +598,45 @@ function completeMove(
     moveFrom: '',
     moveTo: '',
   })
+}
+
+/** Access lists as the catalog keeps them: checked, without repeats, sorted. */
+function checkedAccess(
+  clients: readonly string[],
+  addresses: readonly string[],
+): { allowClients: string[]; allowAddresses: string[] } {
+  for (const client of clients) {
+    if (client === '' || Buffer.byteLength(client) > 253) {
+      refuse(
+        'INVALID_ARGUMENT',
+        `a client name is a certificate's common name, not ${JSON.stringify(client)}`,
+      )
+    }
+  }
+  for (const address of addresses) {
+    const problem = addressPatternProblem(address)
+    if (problem !== undefined) refuse('INVALID_ARGUMENT', problem)
+  }
+  if (clients.length + addresses.length > 256) {
+    refuse('INVALID_ARGUMENT', 'at most 256 entries in the access lists of a volume')
+  }
+  return {
+    allowClients: [...new Set(clients)].sort(),
+    allowAddresses: [...new Set(addresses)].sort(),
+  }
+}
+
+function setVolumeAccess(
+  catalog: Catalog,
+  command: Extract<CatalogCommand, { type: 'setVolumeAccess' }>,
+): Catalog {
+  const volume = findVolume(catalog, command.name)
+  const access = checkedAccess(command.allowClients, command.allowAddresses)
+  if (
+    JSON.stringify(access) ===
+    JSON.stringify({ allowClients: volume.allowClients, allowAddresses: volume.allowAddresses })
+  ) {
+    return catalog
+  }
+  return replaceVolume(catalog, { ...volume, ...access })
 }

@@ -3,7 +3,8 @@
  * `--object tls-creds-x509` and nbdinfo with `nbds://` read and write a volume; a node that
  * requires TLS refuses plaintext clients (NBD_REP_ERR_TLS_REQD), clients without a certificate
  * and clients whose certificate another CA signed, before they reach any data; a node that only
- * offers TLS serves both; bad TLS settings are clear errors at start.
+ * offers TLS serves both; a volume's access lists let in only the certificates and addresses
+ * they name; bad TLS settings are clear errors at start.
  */
 import t from 'tap'
 import type { Test } from 'tap'
@@ -12,6 +13,7 @@ import path from 'node:path'
 import { duplex, missingTools, run, spawnDaemon, tempDir } from '../lib/node-process.js'
 import type { DaemonProcess } from '../lib/node-process.js'
 import { makePki } from '../lib/tls-certs.js'
+import { startPair } from '../lib/cluster.js'
 
 const skip = await missingTools(['qemu-io', 'nbdinfo', 'openssl'])
 
@@ -132,3 +134,53 @@ t.test('bad TLS settings stop the node with a clear error', { skip: skip ?? fals
     t.match(result.stderr, message)
   }
 })
+
+t.test(
+  "a volume's access lists: only the certificates and addresses it names",
+  { skip: skip ?? false },
+  async (t) => {
+    const dir = await tempDir('duplex-tls-')
+    t.teardown(() => fs.rm(dir, { recursive: true, force: true }))
+    const pki = await makePki(path.join(dir, 'pki'))
+    const tlsArgs = [
+      '--tls-cert',
+      pki.serverCert,
+      '--tls-key',
+      pki.serverKey,
+      '--tls-ca',
+      pki.caCert,
+    ]
+    const pair = await startPair({
+      access: { clients: ['client'], addresses: ['127.0.0.0/8', '::1'] },
+      nodeArgs: {
+        a: [...tlsArgs, '--tls-required'],
+        b: ['--tls-cert', pki.serverCert, '--tls-key', pki.serverKey],
+      },
+    })
+    t.teardown(() => pair.destroy())
+    const a = `127.0.0.1:${pair.a.port}`
+    const b = `127.0.0.1:${pair.b.port}`
+    const qemu = (clientDir: string, address: string, command: string) => {
+      const [host, port] = address.split(':')
+      return run('qemu-io', [
+        ...['--object', `tls-creds-x509,id=tls0,endpoint=client,dir=${clientDir}`],
+        ...['--image-opts', '-c', command],
+        `driver=nbd,host=${host ?? ''},port=${port ?? ''},export=vol,tls-creds=tls0`,
+      ])
+    }
+    const allowed = await qemu(pki.clientDir, a, 'write -P 0x7a 0 1M')
+    t.equal(allowed.code, 0, `the named certificate opens the volume: ${allowed.stderr}`)
+    const other = await qemu(pki.otherClientDir, a, 'read -P 0x7a 0 1M')
+    t.not(other.code, 0, 'another certificate of the same CA is refused')
+    t.match(other.stderr, /the certificate "other-client" may not open volume vol/)
+    const list = await run('nbdinfo', [
+      '--list',
+      `nbds://${a}?tls-certificates=${pki.otherClientDir}`,
+    ])
+    t.notMatch(list.stdout, /export="vol"/, 'and does not see it in the export list')
+    // node-b offers TLS but does not check client certificates: a plaintext client has none.
+    const plain = await run('qemu-io', ['-f', 'raw', '-c', 'read 0 4k', `nbd://${b}/vol`])
+    t.not(plain.code, 0, 'a client without a certificate is refused where the volume names clients')
+    t.match(plain.stderr, /open only to TLS clients with a certificate it names/)
+  },
+)

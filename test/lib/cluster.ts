@@ -38,6 +38,10 @@ export interface PairOptions {
   witness?: boolean
   /** The volume's `onLostQuorum` entry; left out when undefined. */
   onLostQuorum?: 'error' | 'suspend'
+  /** The volume's `access` entry (who may open it over NBD); left out when undefined. */
+  access?: unknown
+  /** Extra command-line arguments for one node, e.g. its TLS settings. */
+  nodeArgs?: Partial<Record<PairNode, string[]>>
 }
 
 export interface Pair {
@@ -104,6 +108,7 @@ export async function startPair(options: PairOptions = {}): Promise<Pair> {
   }
   if (options.followTheWriter !== undefined) volume['followTheWriter'] = options.followTheWriter
   if (options.onLostQuorum !== undefined) volume['onLostQuorum'] = options.onLostQuorum
+  if (options.access !== undefined) volume['access'] = options.access
   let witness =
     options.witness === true
       ? await startWitness({ dataDir: path.join(dir, 'w'), extraArgs: ['--name', 'witness'] })
@@ -124,7 +129,7 @@ export async function startPair(options: PairOptions = {}): Promise<Pair> {
       name: nodeNames[which],
       dataDir: path.join(dir, which),
       metrics: true,
-      extraArgs: ['--cluster', clusterFile],
+      extraArgs: ['--cluster', clusterFile, ...(options.nodeArgs?.[which] ?? [])],
       ...(Object.keys(env).length === 0 ? {} : { env }),
     })
   }

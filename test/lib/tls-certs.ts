@@ -19,6 +19,8 @@ export interface Pki {
   strangerDir: string
   /** No client certificate at all, only the CA to check the server. */
   anonymousDir: string
+  /** A second client of our CA, common name `other-client`. */
+  otherClientDir: string
 }
 
 async function openssl(args: string[]): Promise<void> {
@@ -94,6 +96,12 @@ export async function makePki(dir: string): Promise<Pki> {
     ca,
     'extendedKeyUsage=clientAuth\nkeyUsage=digitalSignature\n',
   )
+  const otherClient = await issue(
+    dir,
+    'other-client',
+    ca,
+    'extendedKeyUsage=clientAuth\nkeyUsage=digitalSignature\n',
+  )
   const stranger = await issue(
     dir,
     'stranger',
@@ -107,5 +115,6 @@ export async function makePki(dir: string): Promise<Pki> {
     clientDir: await clientDir(path.join(dir, 'client'), ca.cert, client),
     strangerDir: await clientDir(path.join(dir, 'stranger'), ca.cert, stranger),
     anonymousDir: await clientDir(path.join(dir, 'anonymous'), ca.cert),
+    otherClientDir: await clientDir(path.join(dir, 'other-client'), ca.cert, otherClient),
   }
 }

@@ -64,6 +64,8 @@ t.test('a cluster built from nothing: every change counts a revision', async (t)
       followTheWriter: false,
       moveFrom: '',
       moveTo: '',
+      allowClients: [],
+      allowAddresses: [],
     },
   ])
   const deleted = run([{ type: 'deleteVolume', name: 'vm1' }], created)
@@ -414,4 +416,64 @@ t.test('a move reaches the nodes in the cluster file form', async (t) => {
   const config = parseClusterConfig(clusterJsonOf(moved, '127.0.0.1:10815'), 'x')
   t.same(config.volumes[0]?.move, { from: 'b1', to: 'b2' })
   t.equal(config.volumes[1]?.move, undefined)
+})
+
+t.test('volume access lists: checked, kept sorted, passed to the nodes', async (t) => {
+  const catalog = run(
+    [
+      {
+        type: 'createVolume',
+        name: 'v',
+        sizeBytes: GiB,
+        allowClients: ['hv2', 'hv1', 'hv1'],
+        allowAddresses: ['10.0.0.0/8'],
+      },
+    ],
+    stretched(),
+  )
+  t.match(catalog.volumes[0], { allowClients: ['hv1', 'hv2'], allowAddresses: ['10.0.0.0/8'] })
+  const opened = run(
+    [{ type: 'setVolumeAccess', name: 'v', allowClients: [], allowAddresses: [] }],
+    catalog,
+  )
+  t.match(opened.volumes[0], { allowClients: [], allowAddresses: [] })
+  t.equal(
+    run([{ type: 'setVolumeAccess', name: 'v', allowClients: [], allowAddresses: [] }], opened)
+      .revision,
+    opened.revision,
+    'the same lists again: no change',
+  )
+  t.match(
+    refusal(catalog, {
+      type: 'setVolumeAccess',
+      name: 'v',
+      allowClients: [],
+      allowAddresses: ['10.0.0.0/33'],
+    }),
+    { code: 'INVALID_ARGUMENT', message: /"10\.0\.0\.0\/33" has a bad prefix length/ },
+  )
+  t.match(
+    refusal(catalog, {
+      type: 'setVolumeAccess',
+      name: 'v',
+      allowClients: [],
+      allowAddresses: ['hv1.example'],
+    }),
+    { message: /"hv1\.example" is not an IP address or a CIDR block/ },
+  )
+  t.match(
+    refusal(catalog, {
+      type: 'setVolumeAccess',
+      name: 'nope',
+      allowClients: [],
+      allowAddresses: [],
+    }),
+    { code: 'VOLUME_NOT_FOUND' },
+  )
+  const config = parseClusterConfig(clusterJsonOf(catalog, '127.0.0.1:10815'), 'x')
+  t.same(config.volumes[0]?.access, { clients: ['hv1', 'hv2'], addresses: ['10.0.0.0/8'] })
+  t.equal(
+    parseClusterConfig(clusterJsonOf(opened, '127.0.0.1:10815'), 'x').volumes[0]?.access,
+    undefined,
+  )
 })

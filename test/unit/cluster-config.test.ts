@@ -4,6 +4,8 @@ import { join } from 'node:path'
 import t from 'tap'
 import type { Test } from 'tap'
 import {
+  accessRefusal,
+  addressPatternProblem,
   findNode,
   parseClusterConfig,
   readClusterConfig,
@@ -384,3 +386,42 @@ t.test('readClusterConfig reads a file and names it in every error', async (t) =
 function escape(text: string): string {
   return text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')
 }
+
+t.test('access lists: who may open a volume over NBD', async (t) => {
+  const volume = {
+    name: 'v',
+    sizeBytes: 4096,
+    replicas: ['a', 'b'] as [string, string],
+    primary: 'a',
+    followTheWriter: false as const,
+    onLostQuorum: 'error' as const,
+    resyncRateBytes: 0,
+    access: { clients: ['hv1'], addresses: ['10.1.0.0/16', 'fd00::/8', '192.0.2.7'] },
+  }
+  const cases: [string, string | undefined, RegExp | undefined][] = [
+    ['10.1.2.3', 'hv1', undefined],
+    ['::ffff:10.1.2.3', 'hv1', undefined],
+    ['fd12::1', 'hv1', undefined],
+    ['192.0.2.7', 'hv1', undefined],
+    ['10.2.0.1', 'hv1', /address 10\.2\.0\.1 may not open volume v/],
+    ['10.1.2.3', 'hv2', /the certificate "hv2" may not open volume v/],
+    ['10.1.2.3', undefined, /open only to TLS clients with a certificate it names/],
+  ]
+  for (const [address, certificateName, refused] of cases) {
+    const reason = accessRefusal(volume, { address, certificateName })
+    if (refused === undefined) t.equal(reason, undefined, `${address} ${certificateName ?? '-'} in`)
+    else t.match(reason, refused, `${address} ${certificateName ?? '-'} out`)
+  }
+  t.equal(
+    accessRefusal(
+      { ...volume, access: { clients: [], addresses: [] } },
+      {
+        address: '203.0.113.9',
+        certificateName: undefined,
+      },
+    ),
+    undefined,
+    'empty lists restrict nothing',
+  )
+  t.equal(addressPatternProblem('2001:db8::/129'), '"2001:db8::/129" has a bad prefix length')
+})

@@ -475,3 +475,40 @@ void t.test('STARTTLS: offered, required, refused when off, once only', (t) => {
   ])
   t.end()
 })
+
+void t.test("a volume's access list: hidden from LIST, ERR_POLICY for INFO and GO", (t) => {
+  const exports: ExportLookup = {
+    ...lookup([vol, ro]),
+    refuse: (name, client) =>
+      name === 'vol' && client.certificateName !== 'hv1' ? 'not for you' : undefined,
+  }
+  const as = (certificateName: string | undefined): Handshake => {
+    const h = new Handshake(exports, blockSizes, 'off', () => ({
+      address: '10.0.0.1',
+      certificateName,
+    }))
+    h.start(BOTH)
+    return h
+  }
+  const none = Buffer.alloc(0)
+  t.same(transcript(as('hv2').option(Opt.LIST, none), Opt.LIST), [
+    'SERVER ro',
+    'ACK',
+    '-> continue',
+  ])
+  t.same(transcript(as('hv2').option(Opt.GO, infoRequest('vol')), Opt.GO), [
+    'ERR_POLICY (message)',
+    '-> continue',
+  ])
+  t.same(transcript(as('hv2').option(Opt.EXPORT_NAME, Buffer.from('vol')), Opt.EXPORT_NAME), [
+    '-> close',
+  ])
+  t.equal(
+    transcript(as('hv1').option(Opt.GO, infoRequest('vol')), Opt.GO)
+      .at(-1)
+      ?.startsWith('-> transmission'),
+    true,
+    'the named client opens it',
+  )
+  t.end()
+})
