@@ -34,6 +34,7 @@ import {
 } from './catalog-command.js'
 import type { ClusterSource } from './catalog-command.js'
 import { runDemo } from './demo.js'
+import { issueCert, makeCa } from './cert-command.js'
 import { nodeConfigOptions, readDaemonConfig, witnessConfigOptions } from './daemon-config.js'
 import {
   promoteVolume,
@@ -559,6 +560,63 @@ async function main(argv: string[]): Promise<number> {
     )
     .demandCommand(1, 'name a command (try --help)')
     .strict()
+    .command('cert', 'a cluster CA and certificates for NBD over TLS (uses openssl)', (y) =>
+      y
+        .command(
+          'ca',
+          'create a CA: DIR/ca-cert.pem and DIR/ca-key.pem',
+          (c) =>
+            c
+              .option('dir', { type: 'string', demandOption: true, describe: 'where to write it' })
+              .option('name', { type: 'string', default: 'duplex-ca', describe: 'its common name' })
+              .option('days', { type: 'number', default: 3650, describe: 'validity' }),
+          (a) => {
+            run(() => makeCa(a.dir, a.name, a.days))
+          },
+        )
+        .command(
+          'issue <name>',
+          'issue a server (node) or client (hypervisor) certificate from the CA',
+          (c) =>
+            c
+              .positional('name', { type: 'string', demandOption: true })
+              .option('ca-dir', {
+                type: 'string',
+                demandOption: true,
+                describe: 'the CA directory',
+              })
+              .option('out', { type: 'string', demandOption: true, describe: 'where to write' })
+              .option('kind', {
+                choices: ['server', 'client'] as const,
+                demandOption: true,
+                describe: 'server: a node; client: an NBD client',
+              })
+              .option('ip', {
+                type: 'string',
+                array: true,
+                describe: 'a server address (repeatable)',
+              })
+              .option('dns', {
+                type: 'string',
+                array: true,
+                describe: 'a server host name (repeatable)',
+              })
+              .option('days', { type: 'number', default: 825, describe: 'validity' }),
+          (a) => {
+            run(() =>
+              issueCert(a.name, {
+                caDir: a['ca-dir'],
+                out: a.out,
+                kind: a.kind,
+                ips: a.ip ?? [],
+                dnsNames: a.dns ?? [],
+                days: a.days,
+              }),
+            )
+          },
+        )
+        .demandCommand(1, 'name a cert command: ca or issue'),
+    )
     .completion('completion', 'print a shell completion script')
     .fail((message: string | undefined, error: Error | undefined) => {
       // yargs passes the handler's own error here too; only usage mistakes are ours to report.

@@ -184,3 +184,69 @@ t.test(
     t.match(plain.stderr, /open only to TLS clients with a certificate it names/)
   },
 )
+
+t.test(
+  'certificates made with duplex cert serve qemu-io over TLS',
+  { skip: skip ?? false },
+  async (t) => {
+    const dir = await tempDir('duplex-cert-')
+    t.teardown(() => fs.rm(dir, { recursive: true, force: true }))
+    const ca = path.join(dir, 'ca')
+    const out = path.join(dir, 'issued')
+    const made = await duplex(['cert', 'ca', '--dir', ca])
+    t.equal(made.code, 0, made.stderr)
+    t.equal(
+      (await fs.stat(path.join(ca, 'ca-key.pem'))).mode & 0o777,
+      0o600,
+      'the CA key is private',
+    )
+    const server = await duplex([
+      ...['cert', 'issue', 'n1', '--ca-dir', ca, '--out', out, '--kind', 'server'],
+      ...['--ip', '127.0.0.1', '--dns', 'localhost'],
+    ])
+    t.equal(server.code, 0, server.stderr)
+    const client = await duplex([
+      'cert',
+      'issue',
+      'hv1',
+      '--ca-dir',
+      ca,
+      '--out',
+      out,
+      '--kind',
+      'client',
+    ])
+    t.equal(client.code, 0, client.stderr)
+    t.match(client.stdout, /client directory for qemu/)
+    const noAddress = await duplex([
+      'cert',
+      'issue',
+      'n2',
+      '--ca-dir',
+      ca,
+      '--out',
+      out,
+      '--kind',
+      'server',
+    ])
+    t.equal(noAddress.code, 2, 'a server certificate needs an address or a name')
+    t.match(noAddress.stderr, /give --ip and\/or --dns/)
+    const badIp = await duplex([
+      ...['cert', 'issue', 'n3', '--ca-dir', ca, '--out', out, '--kind', 'server', '--ip', '1.2.3'],
+    ])
+    t.equal(badIp.code, 2)
+    t.match(badIp.stderr, /--ip 1\.2\.3 is not an IP address/)
+
+    const { address } = await startTlsNode(t, path.join(dir, 'node'), [
+      ...['--tls-cert', path.join(out, 'n1-cert.pem'), '--tls-key', path.join(out, 'n1-key.pem')],
+      ...['--tls-ca', path.join(ca, 'ca-cert.pem'), '--tls-required'],
+    ])
+    const io = await qemuTls(
+      path.join(out, 'hv1'),
+      address,
+      'write -P 0x4d 0 1M',
+      'read -P 0x4d 0 1M',
+    )
+    t.equal(io.code, 0, `qemu-io with the issued client directory: ${io.stderr}`)
+  },
+)
