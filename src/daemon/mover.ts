@@ -228,7 +228,8 @@ export class MoveSource {
   private async copyPass(copy: MoveCopy, final: boolean): Promise<void> {
     const firstPass = copy.passes === 0
     const ranges = copy.takePass()
-    const pieces = this.pieces(ranges, firstPass)
+    // The workers share one generator: an async generator queues concurrent `next` calls.
+    const pieces = this.piecesOf(ranges, firstPass)
     const started = performance.now()
     let sent = 0
     const workers = Array.from({ length: piecesInFlight }, async () => {
@@ -281,22 +282,6 @@ export class MoveSource {
           if (at >= end) break
         }
       }
-    }
-  }
-
-  /** One generator shared by the workers (each `next` hands out the next piece). */
-  private pieces(
-    ranges: readonly DirtyRange[],
-    skipHoles: boolean,
-  ): { next(): Promise<IteratorResult<{ offset: number; length: number; hole: boolean }>> } {
-    const generator = this.piecesOf(ranges, skipHoles)
-    let queue: Promise<unknown> = Promise.resolve()
-    return {
-      next: () => {
-        const result = queue.then(() => generator.next())
-        queue = result.catch(() => undefined)
-        return result
-      },
     }
   }
 
