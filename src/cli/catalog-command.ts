@@ -7,6 +7,7 @@
  * The witness is `--witness HOST:PORT`, else $DUPLEX_WITNESS, else the address a default
  * `duplex demo` uses (127.0.0.1:10815).
  */
+import { nodeClientOptions, witnessClientOptions } from './credentials.js'
 import { DuplexError, errorMessage } from '../core/errors.js'
 import { formatEpoch } from '../core/epochs.js'
 import { formatSize, parseSize } from '../core/units.js'
@@ -16,6 +17,7 @@ import type { DomainKind } from '../placement/placement.js'
 import { PeerControlClient } from '../replica/peer-control.js'
 import type { DescribeReply } from '../replica/peer-control.js'
 import { AdminClient } from '../witness/admin-service.js'
+import { hasTlsHint } from '../core/unary-rpc.js'
 import type { ClusterStatus } from '../witness/admin-service.js'
 import { clusterJsonOf, nodeCapacity } from '../witness/catalog.js'
 import type { Catalog, CatalogCommand, CatalogVolume } from '../witness/catalog.js'
@@ -49,15 +51,17 @@ export async function loadCluster(source: ClusterSource): Promise<ClusterConfig>
 }
 
 async function withAdmin<T>(witness: string, work: (admin: AdminClient) => Promise<T>): Promise<T> {
-  const admin = new AdminClient(witness)
+  const admin = new AdminClient(witness, witnessClientOptions())
   try {
     return await work(admin)
   } catch (error) {
     if (error instanceof DuplexError && error.code === 'UNAVAILABLE') {
+      const advice = hasTlsHint(error.message)
+        ? ''
+        : '; is it running? Name it with --witness HOST:PORT or DUPLEX_WITNESS'
       throw new DuplexError(
         'UNAVAILABLE',
-        `cannot reach the witness at ${witness} (${error.message}); is it running? ` +
-          `Name it with --witness HOST:PORT or DUPLEX_WITNESS`,
+        `cannot reach the witness at ${witness} (${error.message})${advice}`,
       )
     }
     throw error
@@ -539,7 +543,7 @@ async function describeReplicas(
         error: undefined,
       }
       if (node === undefined) return view
-      const client = new PeerControlClient(node.replication)
+      const client = new PeerControlClient(node.replication, nodeClientOptions(name))
       try {
         const reply: DescribeReply = await client.describe(volume.name, 3000)
         view.state = reply.exists ? reply.state : 'missing'

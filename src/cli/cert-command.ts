@@ -4,12 +4,19 @@
  * written with mode 0600; the CA key should then live offline.
  *
  *   duplex cert ca --dir DIR                          # DIR/ca-cert.pem, DIR/ca-key.pem
- *   duplex cert issue NAME --ca-dir DIR --out OUT --kind server --ip 10.0.1.11 --dns a1.example.org
+ *   duplex cert issue a1 --ca-dir DIR --out OUT --kind node --ip 10.0.1.11 --dns a1.example.org
+ *   duplex cert issue w --ca-dir DIR --out OUT --kind witness --ip 10.0.3.10
+ *   duplex cert issue alice --ca-dir DIR --out OUT --kind admin
  *   duplex cert issue hv-a1 --ca-dir DIR --out OUT --kind client
  *
- * `issue` writes OUT/NAME-cert.pem and OUT/NAME-key.pem (common name NAME), and for a client
- * also OUT/NAME/ with ca-cert.pem, client-cert.pem and client-key.pem: the directory QEMU's
- * `tls-creds-x509` and libnbd's `tls-certificates` read.
+ * A certificate's common name is NAME and its OU the role (duplex-node, duplex-witness,
+ * duplex-admin, duplex-client, duplex-server; see src/core/tls.ts). `issue` writes
+ * OUT/NAME-cert.pem and OUT/NAME-key.pem, and the directory the holder is given:
+ * - node, witness, admin: OUT/NAME/ with ca-cert.pem, cert.pem and key.pem, for `--credentials`;
+ * - client: OUT/NAME/ with ca-cert.pem, client-cert.pem and client-key.pem, the directory QEMU's
+ *   `tls-creds-x509` and libnbd's `tls-certificates` read.
+ * Certificates of nodes, witnesses and NBD-only servers must name where they are reached (--ip,
+ * --dns): clients check the address they dial against them.
  */
 import { execFile } from 'node:child_process'
 import { chmod, copyFile, mkdir, rm, writeFile } from 'node:fs/promises'
@@ -17,6 +24,7 @@ import { isIP } from 'node:net'
 import path from 'node:path'
 import { promisify } from 'node:util'
 import { DuplexError, errorMessage } from '../core/errors.js'
+import { credentialFiles, roleUnit } from '../core/tls.js'
 
 const exec = promisify(execFile)
 
@@ -50,10 +58,22 @@ export async function makeCa(dir: string, name: string, days: number): Promise<v
   process.stdout.write(`CA ${name}: ${cert} (keep ${key} offline)\n`)
 }
 
+export const certKinds = ['node', 'witness', 'admin', 'client', 'server'] as const
+export type CertKind = (typeof certKinds)[number]
+
+/** Extended key usages per kind: servers serve, everyone but a pure server is a client. */
+const usages: Record<CertKind, string> = {
+  node: 'serverAuth,clientAuth',
+  witness: 'serverAuth,clientAuth',
+  admin: 'clientAuth',
+  client: 'clientAuth',
+  server: 'serverAuth',
+}
+
 export interface IssueOptions {
   caDir: string
   out: string
-  kind: 'server' | 'client'
+  kind: CertKind
   ips: string[]
   dnsNames: string[]
   days: number
@@ -74,10 +94,11 @@ export async function issueCert(name: string, options: IssueOptions): Promise<vo
       throw new DuplexError('INVALID_ARGUMENT', `--dns ${dns} is not a host name`)
     }
   }
-  if (options.kind === 'server' && options.ips.length + options.dnsNames.length === 0) {
+  const serves = usages[options.kind].includes('serverAuth')
+  if (serves && options.ips.length + options.dnsNames.length === 0) {
     throw new DuplexError(
       'INVALID_ARGUMENT',
-      'a server certificate names where clients reach it: give --ip and/or --dns',
+      `a ${options.kind} certificate names where clients reach it: give --ip and/or --dns`,
     )
   }
   const caCert = path.join(options.caDir, 'ca-cert.pem')
@@ -91,14 +112,15 @@ export async function issueCert(name: string, options: IssueOptions): Promise<vo
   await writeFile(
     ext,
     [
-      `extendedKeyUsage=${options.kind === 'server' ? 'serverAuth' : 'clientAuth'}`,
+      `extendedKeyUsage=${usages[options.kind]}`,
       'keyUsage=digitalSignature',
       ...(san.length > 0 ? [`subjectAltName=${san.join(',')}`] : []),
       '',
     ].join('\n'),
   )
   try {
-    await openssl(['req', ...keyArgs, '-keyout', key, '-out', csr, '-subj', `/CN=${name}`])
+    const subject = `/CN=${name}/OU=${roleUnit(options.kind)}`
+    await openssl(['req', ...keyArgs, '-keyout', key, '-out', csr, '-subj', subject])
     await chmod(key, 0o600)
     await openssl([
       ...['x509', '-req', '-in', csr, '-CA', caCert, '-CAkey', caKey, '-CAcreateserial'],
@@ -109,6 +131,16 @@ export async function issueCert(name: string, options: IssueOptions): Promise<vo
     await rm(ext, { force: true })
   }
   process.stdout.write(`${options.kind} certificate ${name}: ${cert}, key ${key}\n`)
+  if (options.kind === 'node' || options.kind === 'witness' || options.kind === 'admin') {
+    const dir = path.join(options.out, name)
+    await mkdir(dir, { recursive: true })
+    const files = credentialFiles(dir)
+    await copyFile(caCert, files.ca)
+    await copyFile(cert, files.cert)
+    await copyFile(key, files.key)
+    await chmod(files.key, 0o600)
+    process.stdout.write(`credentials directory (--credentials): ${dir}\n`)
+  }
   if (options.kind === 'client') {
     const dir = path.join(options.out, name)
     await mkdir(dir, { recursive: true })

@@ -28,6 +28,7 @@ export const nodeConfigOptions: Readonly<Record<string, OptionType>> = {
   'tls-key': 'string',
   'tls-ca': 'string',
   'tls-required': 'boolean',
+  credentials: 'string',
 }
 
 /** What `duplex witness --config FILE` may set. */
@@ -37,6 +38,7 @@ export const witnessConfigOptions: Readonly<Record<string, OptionType>> = {
   'metrics-listen': 'string',
   name: 'string',
   'lease-ms': 'number',
+  credentials: 'string',
 }
 
 /** Reads and checks a daemon config file against the command's options (name -> type). */

@@ -1,12 +1,19 @@
 /**
  * Running a daemon in the foreground: until SIGTERM or SIGINT (a second signal exits at once),
- * or until the supervisor that started it with an IPC channel (`duplex demo`) goes away. Shared
- * by `duplex node` and `duplex witness`.
+ * or until the supervisor that started it with an IPC channel (`duplex demo`) goes away. SIGHUP
+ * reloads the daemon's certificates. Shared by `duplex node` and `duplex witness`.
  */
 import type { Logger } from '../core/log.js'
 
-/** Resolves with the exit code once `stop` finished (0) or failed (1). */
-export function runUntilStopped(stopDaemon: () => Promise<void>, log: Logger): Promise<number> {
+/**
+ * Resolves with the exit code once `stop` finished (0) or failed (1). SIGHUP calls `reload`
+ * (re-read certificates) and does not stop the daemon.
+ */
+export function runUntilStopped(
+  stopDaemon: () => Promise<void>,
+  log: Logger,
+  reload?: () => void,
+): Promise<number> {
   return new Promise((resolve) => {
     let stopping = false
     const finish = (code: number): void => {
@@ -38,6 +45,10 @@ export function runUntilStopped(stopDaemon: () => Promise<void>, log: Logger): P
       log.warn('second signal: exiting without waiting for in-flight requests', { signal })
       process.exit(1)
     }
+    process.on('SIGHUP', () => {
+      log.info('SIGHUP: reloading certificates')
+      reload?.()
+    })
     process.on('SIGTERM', onSignal)
     process.on('SIGINT', onSignal)
     // Started by a supervisor with an IPC channel (duplex demo): stop when it goes away.

@@ -34,7 +34,7 @@ import {
 } from './catalog-command.js'
 import type { ClusterSource } from './catalog-command.js'
 import { runDemo } from './demo.js'
-import { issueCert, makeCa } from './cert-command.js'
+import { certKinds, issueCert, makeCa } from './cert-command.js'
 import { nodeConfigOptions, readDaemonConfig, witnessConfigOptions } from './daemon-config.js'
 import {
   promoteVolume,
@@ -43,6 +43,7 @@ import {
   verifyVolume,
 } from './replication-command.js'
 import { ExitCode, reportError } from './output.js'
+import { useCredentials } from './credentials.js'
 import { nodeLeaseDefaults } from '../witness/lease.js'
 
 async function main(argv: string[]): Promise<number> {
@@ -108,6 +109,11 @@ async function main(argv: string[]): Promise<number> {
                 describe:
                   'follow the catalog at this witness (HOST:PORT): it says what to replicate',
               })
+              .option('credentials', {
+                type: 'string',
+                describe:
+                  'cluster TLS: a directory with ca-cert.pem, cert.pem, key.pem (duplex cert issue NAME --kind node)',
+              })
               .option('cluster', {
                 type: 'string',
                 describe: 'or a static cluster file: replicate the volumes it places on this node',
@@ -130,6 +136,7 @@ async function main(argv: string[]): Promise<number> {
                 tlsKey: a['tls-key'],
                 tlsCa: a['tls-ca'],
                 tlsRequired: a['tls-required'],
+                credentials: a.credentials,
               }),
             )
           },
@@ -273,6 +280,11 @@ async function main(argv: string[]): Promise<number> {
             default: nodeLeaseDefaults.leaseMs,
             describe: 'node lease length; nodes learn it from the witness',
           })
+          .option('credentials', {
+            type: 'string',
+            describe:
+              'cluster TLS: a directory with ca-cert.pem, cert.pem, key.pem (duplex cert issue NAME --kind witness)',
+          })
           .config('config', 'a JSON file of these options (the command line wins)', (file) =>
             readDaemonConfig(file, witnessConfigOptions),
           ),
@@ -284,6 +296,7 @@ async function main(argv: string[]): Promise<number> {
             listen: a.listen,
             metricsListen: a['metrics-listen'],
             leaseMs: a['lease-ms'],
+            credentials: a.credentials,
           }),
         )
       },
@@ -560,7 +573,7 @@ async function main(argv: string[]): Promise<number> {
     )
     .demandCommand(1, 'name a command (try --help)')
     .strict()
-    .command('cert', 'a cluster CA and certificates for NBD over TLS (uses openssl)', (y) =>
+    .command('cert', 'a cluster CA and certificates for cluster TLS and NBD (uses openssl)', (y) =>
       y
         .command(
           'ca',
@@ -576,7 +589,7 @@ async function main(argv: string[]): Promise<number> {
         )
         .command(
           'issue <name>',
-          'issue a server (node) or client (hypervisor) certificate from the CA',
+          'issue a node, witness, admin, NBD client or NBD server certificate from the CA',
           (c) =>
             c
               .positional('name', { type: 'string', demandOption: true })
@@ -587,9 +600,10 @@ async function main(argv: string[]): Promise<number> {
               })
               .option('out', { type: 'string', demandOption: true, describe: 'where to write' })
               .option('kind', {
-                choices: ['server', 'client'] as const,
+                choices: certKinds,
                 demandOption: true,
-                describe: 'server: a node; client: an NBD client',
+                describe:
+                  'node, witness, admin (cluster TLS); client (an NBD client); server (NBD only)',
               })
               .option('ip', {
                 type: 'string',
@@ -634,11 +648,21 @@ async function main(argv: string[]): Promise<number> {
 
 /** --witness: the witness's Admin service, for every catalog command. */
 function witnessOption<T>(y: Argv<T>) {
-  return y.option('witness', {
-    type: 'string',
-    default: process.env.DUPLEX_WITNESS ?? defaultWitness,
-    describe: "the witness's HOST:PORT (env DUPLEX_WITNESS; default: a local demo's)",
-  })
+  return y
+    .option('witness', {
+      type: 'string',
+      default: process.env.DUPLEX_WITNESS ?? defaultWitness,
+      describe: "the witness's HOST:PORT (env DUPLEX_WITNESS; default: a local demo's)",
+    })
+    .option('credentials', {
+      type: 'string',
+      default: process.env.DUPLEX_CREDENTIALS,
+      describe:
+        'cluster TLS: a directory with ca-cert.pem, cert.pem, key.pem (duplex cert issue NAME --kind admin); env DUPLEX_CREDENTIALS',
+    })
+    .middleware((argv) => {
+      useCredentials(argv.credentials)
+    })
 }
 
 function outputOption<T>(y: Argv<T>) {

@@ -7,9 +7,9 @@
  * with neither it serves its local volumes unreplicated.
  */
 import { createLogger } from '../core/log.js'
-import { readFileSync } from 'node:fs'
-import tls from 'node:tls'
-import { DuplexError, errorMessage } from '../core/errors.js'
+import type { Logger } from '../core/log.js'
+import { DuplexError } from '../core/errors.js'
+import { credentialFiles, TlsCredentials } from '../core/tls.js'
 import { startNode } from '../daemon/node.js'
 import { parseReachableEndpoint, readClusterConfig } from '../daemon/cluster-config.js'
 import { CatalogFollower } from '../daemon/catalog-follower.js'
@@ -34,10 +34,18 @@ export interface NodeArgs {
   tlsKey?: string | undefined
   tlsCa?: string | undefined
   tlsRequired?: boolean | undefined
+  /** Cluster TLS: a directory with ca-cert.pem, cert.pem and key.pem (see src/core/tls.ts). */
+  credentials?: string | undefined
 }
 
-/** The NBD TLS settings from the command line, files read and checked (clear errors). */
-function nbdTls(args: NodeArgs): NbdTlsOptions | undefined {
+/**
+ * NBD over TLS from the command line: the files are read and checked now (clear errors), and
+ * re-read when they change (see TlsCredentials), so a rotated certificate needs no restart.
+ */
+function nbdTls(
+  args: NodeArgs,
+  log: Logger,
+): { options: NbdTlsOptions; credentials: TlsCredentials } | undefined {
   const { tlsCert, tlsKey, tlsCa, tlsRequired } = args
   if (tlsCert === undefined && tlsKey === undefined) {
     if (tlsCa !== undefined || tlsRequired === true) {
@@ -51,29 +59,37 @@ function nbdTls(args: NodeArgs): NbdTlsOptions | undefined {
   if (tlsCert === undefined || tlsKey === undefined) {
     throw new DuplexError('INVALID_ARGUMENT', 'NBD over TLS needs both --tls-cert and --tls-key')
   }
-  const read = (file: string, what: string): Buffer => {
-    try {
-      return readFileSync(file)
-    } catch (error) {
-      throw new DuplexError(
-        'INVALID_ARGUMENT',
-        `cannot read the ${what} ${file}: ${errorMessage(error)}`,
-      )
-    }
+  const credentials = new TlsCredentials({
+    files: { cert: tlsCert, key: tlsKey, ca: tlsCa },
+    log: log.child('nbd-tls'),
+  })
+  return {
+    options: {
+      secureContext: () => credentials.secureContext(),
+      required: tlsRequired === true,
+      verifyClients: tlsCa !== undefined,
+    },
+    credentials,
   }
-  const cert = read(tlsCert, 'TLS certificate')
-  const key = read(tlsKey, 'TLS key')
-  const ca = tlsCa === undefined ? undefined : read(tlsCa, 'TLS CA')
-  let context: tls.SecureContext
-  try {
-    context = tls.createSecureContext({ cert, key, ...(ca === undefined ? {} : { ca }) })
-  } catch (error) {
+}
+
+/**
+ * Cluster TLS (`--credentials DIR`): mutual TLS on every gRPC connection, with this node's
+ * duplex-node certificate, which must name the node.
+ */
+function clusterTls(args: NodeArgs, log: Logger): TlsCredentials | undefined {
+  if (args.credentials === undefined) return undefined
+  if (args.witness === undefined && args.cluster === undefined) {
     throw new DuplexError(
       'INVALID_ARGUMENT',
-      `the TLS certificate, key or CA cannot be used: ${errorMessage(error)}`,
+      '--credentials secures the cluster traffic: give --witness or --cluster too',
     )
   }
-  return { context, required: tlsRequired === true, verifyClients: ca !== undefined }
+  return new TlsCredentials({
+    files: credentialFiles(args.credentials),
+    self: { role: 'node', name: args.name },
+    log: log.child('tls'),
+  })
 }
 
 export async function runNodeCommand(args: NodeArgs): Promise<number> {
@@ -82,7 +98,11 @@ export async function runNodeCommand(args: NodeArgs): Promise<number> {
   }
   const log = createLogger(args.name)
   const listen = parseEndpoint(args.listen, '--listen')
-  const tlsOptions = nbdTls(args)
+  const nbdTlsSetup = nbdTls(args, log)
+  const tls = clusterTls(args, log)
+  if (tls === undefined && (args.witness !== undefined || args.cluster !== undefined)) {
+    log.warn('cluster traffic is in the clear: give --credentials DIR for mutual TLS')
+  }
   const metricsListen =
     args.metricsListen === undefined
       ? undefined
@@ -102,6 +122,9 @@ export async function runNodeCommand(args: NodeArgs): Promise<number> {
           witness: args.witness,
           dataDir: args.dataDir,
           log,
+          ...(tls === undefined
+            ? {}
+            : { credentials: tls.channelCredentials({ role: 'witness' }) }),
         })
   const cluster =
     args.cluster !== undefined ? await readClusterConfig(args.cluster) : await follower?.start()
@@ -112,7 +135,8 @@ export async function runNodeCommand(args: NodeArgs): Promise<number> {
     dataDir: args.dataDir,
     listen,
     ...(metricsListen === undefined ? {} : { metricsListen }),
-    ...(tlsOptions === undefined ? {} : { tls: tlsOptions }),
+    ...(nbdTlsSetup === undefined ? {} : { tls: nbdTlsSetup.options }),
+    ...(tls === undefined ? {} : { clusterTls: tls }),
     blockSizes: {
       minBytes: args.blockSizeMin,
       preferredBytes: Math.max(4096, args.blockSizeMin),
@@ -146,8 +170,17 @@ export async function runNodeCommand(args: NodeArgs): Promise<number> {
   process.stdout.write(`${args.name} listening ${nbd}${metrics}${replication}\n`)
   log.info('serving', { nbd, dataDir: args.dataDir })
 
-  return runUntilStopped(() => {
-    follower?.stop()
-    return node.stop()
-  }, log)
+  return runUntilStopped(
+    () => {
+      follower?.stop()
+      tls?.close()
+      nbdTlsSetup?.credentials.close()
+      return node.stop()
+    },
+    log,
+    () => {
+      tls?.reload(true)
+      nbdTlsSetup?.credentials.reload(true)
+    },
+  )
 }

@@ -16,6 +16,8 @@ export const ExitCode = {
   NOT_FOUND: 3,
   /** The thing is busy or locked; retrying later may work. */
   BUSY: 4,
+  /** The credentials given do not allow this (cluster TLS). */
+  DENIED: 5,
 } as const
 
 export function exitCodeFor(code: ErrorCode): number {
@@ -42,6 +44,8 @@ export function exitCodeFor(code: ErrorCode): number {
     case 'FAILED_PRECONDITION':
     case 'CHECKSUM_MISMATCH':
       return ExitCode.FAILED
+    case 'PERMISSION_DENIED':
+      return ExitCode.DENIED
     default:
       return unreachable(code)
   }

@@ -14,9 +14,13 @@ import { PeerControlClient } from '../replica/peer-control.js'
 import type { DescribeReply } from '../replica/peer-control.js'
 import { formatEndpoint } from '../core/endpoints.js'
 import { formatTable } from './output.js'
+import { nodeClientOptions } from './credentials.js'
 
 function clientOf(node: ClusterNode): PeerControlClient {
-  return new PeerControlClient(formatEndpoint(node.replication.host, node.replication.port))
+  return new PeerControlClient(
+    formatEndpoint(node.replication.host, node.replication.port),
+    nodeClientOptions(node.name),
+  )
 }
 
 function volumeOf(config: ClusterConfig, name: string): ClusterConfig['volumes'][number] {

@@ -23,6 +23,7 @@ export type ErrorCode =
   | 'UNAVAILABLE' // cannot serve now, may later: peer unreachable, role changing, replica syncing
   | 'FAILED_PRECONDITION' // refused in the current state (e.g. promoting an Inconsistent replica)
   | 'CHECKSUM_MISMATCH' // a payload failed its xxh64 check; never applied
+  | 'PERMISSION_DENIED' // the caller's certificate does not allow this (cluster TLS)
 
 export class DuplexError extends Error {
   override name = 'DuplexError'

@@ -23,6 +23,8 @@ import { assert } from './assert.js'
 import { DuplexError, errorMessage } from './errors.js'
 import type { ErrorCode } from './errors.js'
 import type { Logger } from './log.js'
+import { clusterChannelOptions, identityOfSubject } from './tls.js'
+import type { Identity } from './tls.js'
 
 /** Bytes (UTF-8) of a volume, node or domain name. */
 export const nameBytesMax = 64
@@ -52,6 +54,7 @@ const errorCodes = {
   NOT_PRIMARY: true,
   FAILED_PRECONDITION: true,
   CHECKSUM_MISMATCH: true,
+  PERMISSION_DENIED: true,
 } satisfies Record<ErrorCode, true>
 
 function isErrorCode(code: string): code is ErrorCode {
@@ -395,9 +398,26 @@ export function readReply<Request, Reply>(
 
 interface ServeContext {
   log: Logger
-  peer: string
+  caller: Caller
   /** Where the handler runs, for error messages: "the peer", "the witness". */
   where: string
+}
+
+/** Who made a call: its address, and its certificate's identity on a TLS server. */
+export interface Caller {
+  address: string
+  identity: Identity | undefined
+}
+
+/**
+ * Decides whether `caller` may make a call with `request`: returns, or throws a DuplexError
+ * (PERMISSION_DENIED) that becomes the reply. Runs after decoding, before the handler.
+ */
+export type Authorize<Request> = (request: Request, caller: Caller) => void
+
+function callerOf(call: grpc.ServerUnaryCall<Buffer, Buffer>): Caller {
+  const certificate = call.getAuthContext().sslPeerCertificate
+  return { address: call.getPeer(), identity: identityOfSubject(certificate?.subject) }
 }
 
 /** The reply bytes for request `bytes`. Never rejects: every failure becomes an ErrorStatus. */
@@ -406,37 +426,52 @@ async function answer<Request, Reply>(
   bytes: Buffer,
   run: (request: Request, peer: string) => Promise<Reply>,
   context: ServeContext,
+  authorize: Authorize<Request> | undefined,
 ): Promise<Buffer> {
   let request: Request
   try {
     request = decodeMessage(call.requestType, bytes, call.readRequest)
   } catch (error) {
     const reason = errorMessage(error)
-    context.log.warn('malformed request', { rpc: call.name, peer: context.peer, reason })
+    const peer = context.caller.address
+    context.log.warn('malformed request', { rpc: call.name, peer, reason })
     return encodeError(call, 'INVALID_ARGUMENT', `malformed ${call.name} request: ${reason}`)
   }
   try {
-    const reply = await run(request, context.peer)
+    authorize?.(request, context.caller)
+  } catch (error) {
+    const reason = errorMessage(error)
+    context.log.warn('refused a call', { rpc: call.name, peer: context.caller.address, reason })
+    if (error instanceof DuplexError) return encodeError(call, error.code, error.message)
+    return encodeError(call, 'PERMISSION_DENIED', reason)
+  }
+  try {
+    const reply = await run(request, context.caller.address)
     assertNoProblem(call.replyProblem(reply), `${call.name} handler reply`)
     return encodeMessage(call.replyType, call.writeReply(reply))
   } catch (error) {
     if (error instanceof DuplexError) return encodeError(call, error.code, error.message)
     const reason = errorMessage(error)
-    context.log.error('handler failed', { rpc: call.name, peer: context.peer, error: reason })
+    const peer = context.caller.address
+    context.log.error('handler failed', { rpc: call.name, peer, error: reason })
     return encodeError(call, 'IO_ERROR', `${call.name} failed on ${context.where}: ${reason}`)
   }
 }
 
-/** The gRPC handler of `call`: decodes, runs `run`, encodes its reply or its error. */
+/**
+ * The gRPC handler of `call`: decodes, asks `authorize` (if given), runs `run`, encodes its reply
+ * or its error.
+ */
 export function unary<Request, Reply>(
   call: Rpc<Request, Reply>,
   run: (request: Request, peer: string) => Promise<Reply>,
   log: Logger,
   where: string,
+  authorize?: Authorize<Request>,
 ): grpc.handleUnaryCall<Buffer, Buffer> {
   return (serverCall, callback) => {
-    const context = { log, peer: serverCall.getPeer(), where }
-    answer(call, serverCall.request, run, context).then(
+    const context = { log, caller: callerOf(serverCall), where }
+    answer(call, serverCall.request, run, context, authorize).then(
       (reply) => {
         callback(null, reply)
       },
@@ -486,10 +521,13 @@ export class UnaryClient {
   }
 
   private newClient(): grpc.Client {
+    const { credentials } = this.options
     return new grpc.Client(
       this.address,
-      this.options.credentials ?? grpc.credentials.createInsecure(),
-      this.options.channelOptions,
+      credentials ?? grpc.credentials.createInsecure(),
+      credentials === undefined
+        ? this.options.channelOptions
+        : { ...clusterChannelOptions, ...this.options.channelOptions },
     )
   }
 
@@ -563,7 +601,26 @@ export class UnaryClient {
 
   private transportError(error: grpc.ServiceError): DuplexError {
     const status = `${grpc.status[error.code]}: ${error.details}`
-    const message = `${this.options.what} ${this.address} unreachable: ${status}`
+    const hint = tlsHint(error.details, this.options.credentials !== undefined)
+    const message = `${this.options.what} ${this.address} unreachable: ${status}${hint}`
     return new DuplexError('UNAVAILABLE', message, { cause: error })
   }
+}
+
+/**
+ * What to add to a failed connection's error when TLS is the likely cause: a handshake that
+ * failed, or a plaintext client that a TLS server hung up on.
+ */
+export function tlsHint(details: string, secure: boolean): string {
+  if (/ECONNREFUSED|ENOTFOUND|EHOSTUNREACH|ETIMEDOUT|Deadline/i.test(details)) return ''
+  if (secure) return ` (${tlsHintText})`
+  return ' (if it runs cluster TLS, this side needs --credentials DIR; see docs/security.md)'
+}
+
+const tlsHintText =
+  "the TLS handshake may have failed: both sides need current certificates from the cluster's CA, of the right role; see docs/security.md"
+
+/** Whether an error message carries `tlsHint`'s advice. */
+export function hasTlsHint(message: string): boolean {
+  return message.includes(tlsHintText) || message.includes('this side needs --credentials')
 }

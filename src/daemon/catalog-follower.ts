@@ -7,6 +7,7 @@
  * state, not a stream of events, so nothing is missed.
  */
 import { statfs } from 'node:fs/promises'
+import type * as grpc from '@grpc/grpc-js'
 import { DuplexError, errorMessage, isDuplexError } from '../core/errors.js'
 import type { Logger } from '../core/log.js'
 import { AdminClient } from '../witness/admin-service.js'
@@ -25,6 +26,8 @@ export interface CatalogFollowerOptions {
   pollMs?: number
   /** Pause after a failed call. */
   retryMs?: number
+  /** Cluster TLS to the witness; plaintext if undefined. */
+  credentials?: grpc.ChannelCredentials
 }
 
 export class CatalogFollower {
@@ -36,7 +39,10 @@ export class CatalogFollower {
   private nbd = ''
 
   constructor(private readonly options: CatalogFollowerOptions) {
-    this.admin = new AdminClient(options.witness)
+    this.admin = new AdminClient(
+      options.witness,
+      options.credentials === undefined ? {} : { credentials: options.credentials },
+    )
   }
 
   /** Waits until the catalog lists this node and returns its cluster (then: `register`). */

@@ -7,6 +7,7 @@
 import type { AddressInfo } from 'node:net'
 import { Gauge, Registry } from 'prom-client'
 import type { Logger } from '../core/log.js'
+import type { TlsCredentials } from '../core/tls.js'
 import { NbdServer } from '../nbd/server.js'
 import type { NbdTlsOptions } from '../nbd/server.js'
 import type { BlockSizes } from '../nbd/handshake.js'
@@ -30,6 +31,8 @@ export interface NodeOptions {
   blockSizes?: BlockSizes
   /** NBD over TLS (STARTTLS), see NbdTlsOptions. */
   tls?: NbdTlsOptions
+  /** Cluster TLS: mutual TLS with the witness and the peers (src/core/tls.ts). */
+  clusterTls?: TlsCredentials
   /** Replicate the volumes this cluster file places on this node (see cluster-config.ts). */
   cluster?: ClusterConfig
   /** Tuning and test hooks for replication. */
@@ -60,6 +63,7 @@ export async function startNode(options: NodeOptions): Promise<RunningNode> {
         config: options.cluster,
         store,
         log: log.child('replication'),
+        ...(options.clusterTls === undefined ? {} : { tls: options.clusterTls }),
         onPeerRoundTrip: (volume, seconds) => {
           roundTrips.observe({ volume }, seconds)
         },

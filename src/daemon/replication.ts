@@ -13,6 +13,7 @@
 import type { AddressInfo } from 'node:net'
 import { DuplexError, errorMessage } from '../core/errors.js'
 import type { Logger } from '../core/log.js'
+import type { TlsCredentials } from '../core/tls.js'
 import type { Attachment, ExportInfo, ExportRegistry } from '../nbd/exports.js'
 import { addPeerControlService, PeerControlClient } from '../replica/peer-control.js'
 import type { PeerControlHandlers } from '../replica/peer-control.js'
@@ -40,6 +41,8 @@ export interface ReplicationOptions {
   config: ClusterConfig
   store: NodeStore
   log: Logger
+  /** Cluster TLS: mutual TLS with the witness and the peers; plaintext if undefined. */
+  tls?: TlsCredentials
   /** Test hooks and tuning for the links to peers. */
   link?: PeerLinkClientOptions
   roleWaitMs?: number
@@ -82,8 +85,10 @@ export class Replication implements ExportRegistry {
 
   private constructor(private readonly options: ReplicationOptions) {
     const incarnation = newIncarnation()
+    const { tls } = options
     this.server = new PeerLinkServer({
       incarnation,
+      ...(tls === undefined ? {} : { credentials: tls.serverCredentials(), secure: true }),
       onStream: (hello, replies) => {
         const controller = this.controllers.get(hello.volume)
         if (controller === undefined) {
@@ -103,7 +108,10 @@ export class Replication implements ExportRegistry {
         ? undefined
         : new WitnessSession({
             nodeName: options.nodeName,
-            client: new WitnessClient(`${witnessAt.host}:${witnessAt.port}`),
+            client: new WitnessClient(
+              `${witnessAt.host}:${witnessAt.port}`,
+              tls === undefined ? {} : { credentials: tls.channelCredentials({ role: 'witness' }) },
+            ),
             log: options.log.child('witness'),
           })
     this.incarnation = incarnation
@@ -118,9 +126,12 @@ export class Replication implements ExportRegistry {
     const address = `${peer.replication.host}:${peer.replication.port}`
     let link = this.peers.get(peer.name)
     if (link === undefined) {
-      const client = new PeerLinkClient(this.options.link)
+      const { tls } = this.options
+      const credentials = tls?.channelCredentials({ role: 'node', name: peer.name })
+      const secured = credentials === undefined ? {} : { credentials }
+      const client = new PeerLinkClient({ ...this.options.link, ...secured })
       client.connect(address)
-      link = { link: client, control: new PeerControlClient(address) }
+      link = { link: client, control: new PeerControlClient(address, secured) }
       this.peers.set(peer.name, link)
     }
     return { name: peer.name, address, link: link.link, control: link.control }
@@ -450,7 +461,12 @@ export class Replication implements ExportRegistry {
       config,
       new Set(volumesOfNode(config, nodeName).map((entry) => entry.volume.name)),
     )
-    await addPeerControlService(replication.server.grpcServer, replication.handlers(), log)
+    await addPeerControlService(
+      replication.server.grpcServer,
+      replication.handlers(),
+      log,
+      options.tls !== undefined,
+    )
     const port = await replication.server.listen(self.replication.host, self.replication.port)
     replication.address = {
       address: self.replication.host,

@@ -17,6 +17,7 @@ import { Counter, Gauge, Registry } from 'prom-client'
 import { DuplexError, errorMessage } from '../core/errors.js'
 import { formatEpoch } from '../core/epochs.js'
 import type { Logger } from '../core/log.js'
+import type { TlsCredentials } from '../core/tls.js'
 import { MetricsServer, registerProcessMetrics } from '../metrics/http.js'
 import { Arbiter } from '../witness/arbiter.js'
 import type { Decision, VolumeRecord } from '../witness/arbiter.js'
@@ -34,6 +35,8 @@ export interface WitnessOptions {
   name: string
   dataDir: string
   listen: { host: string; port: number }
+  /** Cluster TLS: every caller needs a certificate from the CA (src/core/tls.ts). */
+  tls?: TlsCredentials
   metricsListen?: { host: string; port: number }
   timing?: LeaseTiming
   log: Logger
@@ -299,8 +302,10 @@ export async function startWitness(options: WitnessOptions): Promise<RunningWitn
   })
 
   const server = new grpc.Server(witnessServerOptions)
-  addWitnessService(server, witness, log.child('rpc'))
-  addAdminService(server, witness, log.child('admin'))
+  const secure = options.tls !== undefined
+  addWitnessService(server, witness, log.child('rpc'), secure)
+  addAdminService(server, witness, log.child('admin'), secure)
+  const credentials = options.tls?.serverCredentials() ?? grpc.ServerCredentials.createInsecure()
   const registry = new Registry()
   registry.setDefaultLabels({ witness: options.name })
   registerProcessMetrics(registry)
@@ -312,7 +317,7 @@ export async function startWitness(options: WitnessOptions): Promise<RunningWitn
   try {
     const { host, port } = options.listen
     const bound = await new Promise<number>((resolve, reject) => {
-      server.bindAsync(`${host}:${port}`, grpc.ServerCredentials.createInsecure(), (error, p) => {
+      server.bindAsync(`${host}:${port}`, credentials, (error, p) => {
         if (error !== null) {
           reject(
             new DuplexError('UNAVAILABLE', `cannot listen on ${host}:${port}: ${error.message}`),

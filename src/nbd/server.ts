@@ -62,11 +62,12 @@ export interface NbdRequestObserver {
 /**
  * NBD over TLS, as QEMU does it: the client sends NBD_OPT_STARTTLS and the connection turns into
  * a TLS session (x509). `required`: every other option before it gets NBD_REP_ERR_TLS_REQD.
- * `context` holds the server's certificate and key, and, when `verifyClients`, the CA that must
+ * `secureContext()` holds the server's certificate and key, and, when `verifyClients`, the CA that must
  * have signed the clients' certificates (mutual TLS: a client without one is refused).
  */
 export interface NbdTlsOptions {
-  context: tls.SecureContext
+  /** The context for the next handshake (the newest certificate after a rotation). */
+  secureContext: () => tls.SecureContext
   required: boolean
   verifyClients: boolean
 }
@@ -297,7 +298,7 @@ class Connection {
     raw.off('close', this.onClose)
     const secure = new tls.TLSSocket(raw, {
       isServer: true,
-      secureContext: options.context,
+      secureContext: options.secureContext(),
       requestCert: options.verifyClients,
       rejectUnauthorized: options.verifyClients,
     })
@@ -743,6 +744,7 @@ export function errnoFor(code: ErrorCode): number {
     case 'NO_SPACE':
       return Errno.ENOSPC
     case 'READ_ONLY':
+    case 'PERMISSION_DENIED':
       return Errno.EPERM
     case 'NOT_SUPPORTED':
       return Errno.ENOTSUP

@@ -58,7 +58,8 @@ import {
   encodeMessage,
   loadProto,
 } from '../core/unary-rpc.js'
-import type { Fields, Problem, Rpc, RpcCodec } from '../core/unary-rpc.js'
+import type { Caller, Fields, Problem, Rpc, RpcCodec } from '../core/unary-rpc.js'
+import { denied, requireRole } from '../core/authorization.js'
 import { peerKeepaliveTimeMs, peerKeepaliveTimeoutMs, peerMessageBytesMax } from './peer-link.js'
 import { generationHistoryMax } from './store.js'
 import type { GenerationEntry } from './store.js'
@@ -853,31 +854,93 @@ async function serveForward(
 }
 
 /**
+ * Who may call a node's Peer service under cluster TLS: nodes, each speaking only for itself (a
+ * request's `fromNode` must be the name in the caller's certificate), and admins for what the CLI
+ * asks (describe, checksum, repair, promote, resolve).
+ */
+const peerRules = {
+  node:
+    (action: string) =>
+    (request: { fromNode?: string }, caller: Caller): void => {
+      const identity = requireRole(caller, ['node'], action)
+      if (request.fromNode !== undefined && request.fromNode !== identity.name) {
+        throw denied(caller, action, `the request speaks for ${request.fromNode}`)
+      }
+    },
+  nodeOrAdmin:
+    (action: string) =>
+    (_request: unknown, caller: Caller): void => {
+      requireRole(caller, ['node', 'admin'], action)
+    },
+}
+
+/**
  * Adds the Peer service to a grpc.Server (call before bindAsync). Async because it loads xxh64
  * (a WebAssembly module, once per process) before any call can arrive. Create the server with
  * `peerControlServerOptions` (or at least its message sizes): gRPC's default 4 MiB limit would
  * refuse large forwards.
+ * `secure`: the server runs cluster TLS, so every call is checked against the caller's
+ * certificate (peerRules).
  */
 export async function addPeerControlService(
   server: grpc.Server,
   handlers: PeerControlHandlers,
   log: Logger,
+  secure = false,
 ): Promise<void> {
   const xxh64 = await loadXxh64()
   const where = 'the peer'
+  const rules = secure ? peerRules : undefined
   server.addService(peerService, {
-    Describe: unary(describeRpc, ({ volume }) => handlers.describe(volume), log, where),
+    Describe: unary(
+      describeRpc,
+      ({ volume }) => handlers.describe(volume),
+      log,
+      where,
+      rules?.nodeOrAdmin('describe'),
+    ),
     Forward: unary(
       forwardRpc,
       (request) => serveForward(request, handlers, xxh64, log),
       log,
       where,
+      rules?.node('forward'),
     ),
-    Handover: unary(handoverRpc, (request) => handlers.handover(request), log, where),
-    Promote: unary(promoteRpc, (request) => handlers.promote(request), log, where),
-    RenewLease: unary(renewLeaseRpc, (request) => handlers.renewLease(request), log, where),
-    Checksum: unary(checksumRpc, (request) => handlers.checksum(request), log, where),
-    Repair: unary(repairRpc, (request) => handlers.repair(request), log, where),
+    Handover: unary(
+      handoverRpc,
+      (request) => handlers.handover(request),
+      log,
+      where,
+      rules?.node('handover'),
+    ),
+    Promote: unary(
+      promoteRpc,
+      (request) => handlers.promote(request),
+      log,
+      where,
+      rules?.nodeOrAdmin('promote'),
+    ),
+    RenewLease: unary(
+      renewLeaseRpc,
+      (request) => handlers.renewLease(request),
+      log,
+      where,
+      rules?.node('renewLease'),
+    ),
+    Checksum: unary(
+      checksumRpc,
+      (request) => handlers.checksum(request),
+      log,
+      where,
+      rules?.nodeOrAdmin('checksum'),
+    ),
+    Repair: unary(
+      repairRpc,
+      (request) => handlers.repair(request),
+      log,
+      where,
+      rules?.nodeOrAdmin('repair'),
+    ),
     Resolve: unary(
       resolveRpc,
       async (request) => {
@@ -886,6 +949,7 @@ export async function addPeerControlService(
       },
       log,
       where,
+      rules?.nodeOrAdmin('resolve'),
     ),
     SyncComplete: unary(
       syncCompleteRpc,
@@ -895,6 +959,7 @@ export async function addPeerControlService(
       },
       log,
       where,
+      rules?.node('syncComplete'),
     ),
     MoveBegin: unary(
       moveBeginRpc,
@@ -904,6 +969,7 @@ export async function addPeerControlService(
       },
       log,
       where,
+      rules?.node('moveBegin'),
     ),
     MoveWrite: unary(
       moveWriteRpc,
@@ -920,10 +986,29 @@ export async function addPeerControlService(
       },
       log,
       where,
+      rules?.node('moveWrite'),
     ),
-    MoveAdopt: unary(moveAdoptRpc, (request) => handlers.moveAdopt(request), log, where),
-    MoveCutover: unary(moveCutoverRpc, (request) => handlers.moveCutover(request), log, where),
-    MoveFinish: unary(moveFinishRpc, (request) => handlers.moveFinish(request), log, where),
+    MoveAdopt: unary(
+      moveAdoptRpc,
+      (request) => handlers.moveAdopt(request),
+      log,
+      where,
+      rules?.node('moveAdopt'),
+    ),
+    MoveCutover: unary(
+      moveCutoverRpc,
+      (request) => handlers.moveCutover(request),
+      log,
+      where,
+      rules?.node('moveCutover'),
+    ),
+    MoveFinish: unary(
+      moveFinishRpc,
+      (request) => handlers.moveFinish(request),
+      log,
+      where,
+      rules?.node('moveFinish'),
+    ),
   })
 }
 

@@ -23,6 +23,8 @@
  */
 import { randomBytes } from 'node:crypto'
 import * as grpc from '@grpc/grpc-js'
+import { clusterChannelOptions, identityOfSubject, identityProblem } from '../core/tls.js'
+import type { Identity } from '../core/tls.js'
 import { EventEmitter } from 'node:events'
 import type * as http2 from 'node:http2'
 import { assert, assertSafeUint } from '../core/assert.js'
@@ -179,6 +181,11 @@ export interface PeerLinkServerOptions {
   /** Random per process start by default. */
   incarnation?: Buffer
   credentials?: grpc.ServerCredentials
+  /**
+   * `credentials` are cluster TLS (src/core/tls.ts): a Hello is refused (WRONG_SENDER) unless
+   * the caller's certificate is a duplex-node certificate naming the Hello's node.
+   */
+  secure?: boolean
   closeGraceMs?: number
   /** Merged over the defaults (keepalive, message sizes). */
   channelOptions?: grpc.ChannelOptions
@@ -258,7 +265,8 @@ class ServerStream implements PeerReplies {
 
   private onHello(hello: Hello): void {
     this.helloReceived = hello
-    const refusal = this.server.precheck(hello)
+    const certificate = this.call.getAuthContext().sslPeerCertificate
+    const refusal = this.server.precheck(hello, identityOfSubject(certificate?.subject))
     const decision = refusal ?? this.server.options.onStream(hello, this)
     if (decision.type === 'reject') {
       const { code, message, epoch } = decision
@@ -466,9 +474,17 @@ export class PeerLinkServer {
   }
 
   /** Refusals the server makes itself, before asking the driver. */
-  precheck(hello: Hello): HelloDecision | undefined {
+  precheck(hello: Hello, identity: Identity | undefined): HelloDecision | undefined {
     if (this.closing) {
       return { type: 'reject', code: 'SHUTTING_DOWN', message: 'node shutting down', epoch: 0 }
+    }
+    const problem =
+      this.options.secure === true
+        ? identityProblem(identity, { role: 'node', name: hello.fromNode })
+        : undefined
+    if (problem !== undefined) {
+      const message = `refused a stream for ${hello.volume} from ${hello.fromNode}: ${problem}`
+      return { type: 'reject', code: 'WRONG_SENDER', message, epoch: 0 }
     }
     if (hello.protocolVersion !== protocolVersion) {
       const message = `protocol ${hello.protocolVersion} not spoken (this node: ${protocolVersion})`
@@ -523,7 +539,7 @@ export interface PeerStreamHandlers {
 }
 
 export interface PeerLinkClientOptions {
-  /** Plaintext by default (TLS is issue 7). */
+  /** Plaintext by default; cluster TLS from TlsCredentials.channelCredentials. */
   credentials?: grpc.ChannelCredentials
   /** Merged over the defaults (keepalive, message sizes, reconnect backoff). */
   channelOptions?: grpc.ChannelOptions
@@ -856,6 +872,7 @@ export class PeerLinkClient {
         ...keepaliveOptions,
         'grpc.initial_reconnect_backoff_ms': 100,
         'grpc.max_reconnect_backoff_ms': 1000,
+        ...(this.options.credentials === undefined ? {} : clusterChannelOptions),
         ...this.options.channelOptions,
       },
     )

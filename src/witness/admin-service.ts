@@ -33,7 +33,8 @@ import {
   unary,
   UnaryClient,
 } from '../core/unary-rpc.js'
-import type { Fields, Problem, Rpc, RpcCodec } from '../core/unary-rpc.js'
+import type { Caller, Fields, Problem, Rpc, RpcCodec } from '../core/unary-rpc.js'
+import { requireNode, requireRole } from '../core/authorization.js'
 import type { OnLostQuorum } from '../daemon/cluster-config.js'
 import type { DomainKind } from '../placement/placement.js'
 import type {
@@ -523,17 +524,45 @@ export function decodeCatalog(bytes: Uint8Array): Catalog {
 }
 
 /** Adds the Admin service to a grpc.Server (before bindAsync). */
-export function addAdminService(server: grpc.Server, handlers: AdminHandlers, log: Logger): void {
+/**
+ * Who may use the catalog under cluster TLS: changes need an admin certificate, except that a
+ * node registers itself (its certificate names it); nodes and admins read.
+ */
+const adminRules = {
+  change: (command: CatalogCommand, caller: Caller) => {
+    if (command.type === 'registerNode' && caller.identity?.role === 'node') {
+      requireNode(caller, command.name, 'register a node')
+      return
+    }
+    requireRole(caller, ['admin'], `change the catalog (${command.type})`)
+  },
+  read: (_request: unknown, caller: Caller) => {
+    requireRole(caller, ['admin', 'node'], 'read the catalog')
+  },
+}
+
+/**
+ * Adds the Admin service to a grpc.Server (before bindAsync). `secure`: the server runs cluster
+ * TLS, so every call is checked against the caller's certificate (adminRules).
+ */
+export function addAdminService(
+  server: grpc.Server,
+  handlers: AdminHandlers,
+  log: Logger,
+  secure = false,
+): void {
   const where = 'the witness'
+  const rules = secure ? adminRules : undefined
   server.addService(adminService, {
-    Change: unary(changeRpc, (command) => handlers.change(command), log, where),
+    Change: unary(changeRpc, (command) => handlers.change(command), log, where, rules?.change),
     GetCatalog: unary(
       getCatalogRpc,
       ({ afterRevision, waitMs }) => handlers.getCatalog(afterRevision, waitMs),
       log,
       where,
+      rules?.read,
     ),
-    ClusterStatus: unary(clusterStatusRpc, () => handlers.clusterStatus(), log, where),
+    ClusterStatus: unary(clusterStatusRpc, () => handlers.clusterStatus(), log, where, rules?.read),
   })
 }
 

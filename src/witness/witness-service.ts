@@ -24,7 +24,8 @@ import {
   unary,
   UnaryClient,
 } from '../core/unary-rpc.js'
-import type { Fields, Problem, Rpc, RpcCodec } from '../core/unary-rpc.js'
+import type { Caller, Fields, Problem, Rpc, RpcCodec } from '../core/unary-rpc.js'
+import { requireNode, requireRole } from '../core/authorization.js'
 import type {
   GrantRequest,
   HandoverGrantRequest,
@@ -298,31 +299,82 @@ export const witnessService: grpc.ServiceDefinition = {
   Status: method(statusRpc),
 }
 
-/** Adds the Witness service to a grpc.Server (before bindAsync). */
+/**
+ * Who may call the witness under cluster TLS: a node speaks only for itself (the certificate's
+ * name is the request's node; for a handover, the owner that hands over), so no node can ask for
+ * another's lease or grant; `Status` is for nodes and admins.
+ */
+const witnessRules = {
+  heartbeat: ({ node }: { node: string }, caller: Caller) => {
+    requireNode(caller, node, 'renew a lease')
+  },
+  asSender: (action: string) => (request: { node: string }, caller: Caller) => {
+    requireNode(caller, request.node, action)
+  },
+  handover: (request: HandoverGrantRequest, caller: Caller) => {
+    requireNode(caller, request.fromNode, 'record a handover')
+  },
+  status: (_request: unknown, caller: Caller) => {
+    requireRole(caller, ['node', 'admin'], 'read the witness status')
+  },
+}
+
+/**
+ * Adds the Witness service to a grpc.Server (before bindAsync). `secure`: the server runs cluster
+ * TLS, so every call is checked against the caller's certificate (witnessRules).
+ */
 export function addWitnessService(
   server: grpc.Server,
   handlers: WitnessHandlers,
   log: Logger,
+  secure = false,
 ): void {
   const where = 'the witness'
+  const rules = secure ? witnessRules : undefined
   server.addService(witnessService, {
-    Heartbeat: unary(heartbeatRpc, ({ node }) => handlers.heartbeat(node), log, where),
-    Report: unary(reportRpc, (request) => handlers.report(request), log, where),
-    Degrade: unary(degradeRpc, (request) => handlers.degrade(request), log, where),
-    Takeover: unary(takeoverRpc, (request) => handlers.takeover(request), log, where),
+    Heartbeat: unary(
+      heartbeatRpc,
+      ({ node }) => handlers.heartbeat(node),
+      log,
+      where,
+      rules?.heartbeat,
+    ),
+    Report: unary(
+      reportRpc,
+      (request) => handlers.report(request),
+      log,
+      where,
+      rules?.asSender('report a volume'),
+    ),
+    Degrade: unary(
+      degradeRpc,
+      (request) => handlers.degrade(request),
+      log,
+      where,
+      rules?.asSender('ask to degrade'),
+    ),
+    Takeover: unary(
+      takeoverRpc,
+      (request) => handlers.takeover(request),
+      log,
+      where,
+      rules?.asSender('ask to take over'),
+    ),
     RecordHandover: unary(
       recordHandoverRpc,
       (request) => handlers.recordHandover(request),
       log,
       where,
+      rules?.handover,
     ),
     ReplaceReplica: unary(
       replaceReplicaRpc,
       (request) => handlers.replaceReplica(request),
       log,
       where,
+      rules?.asSender('replace a replica'),
     ),
-    Status: unary(statusRpc, () => handlers.status(), log, where),
+    Status: unary(statusRpc, () => handlers.status(), log, where, rules?.status),
   })
 }
 

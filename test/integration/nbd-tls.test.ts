@@ -125,7 +125,7 @@ t.test('bad TLS settings stop the node with a clear error', { skip: skip ?? fals
     ],
     [
       ['--tls-cert', pki.serverCert, '--tls-key', pki.caCert],
-      /the TLS certificate, key or CA cannot be used/,
+      /the TLS key .* is not a PEM private key/,
     ],
   ]
   for (const [args, message] of cases) {

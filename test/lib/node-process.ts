@@ -65,9 +65,10 @@ export interface AdminCli {
   ok: (t: Test, ...args: string[]) => Promise<string>
 }
 
-export function adminCli(witness: string, timeoutMs?: number): AdminCli {
+/** The admin CLI against `witness`; `extraArgs` go on every command (e.g. --credentials). */
+export function adminCli(witness: string, timeoutMs?: number, extraArgs: string[] = []): AdminCli {
   const cli = (...args: string[]): Promise<RunResult> =>
-    duplex([...args, '--witness', witness], timeoutMs)
+    duplex([...args, '--witness', witness, ...extraArgs], timeoutMs)
   return {
     cli,
     json: async <T>(...args: string[]): Promise<T> => {
