@@ -7,7 +7,8 @@
  * contract), `quorum` (QEMU's block-layer quorum of a local file and an NBD child served by a
  * second qemu-nbd: synchronous two-way replication), and `duplex-replicated` (two duplex nodes in
  * two domains with a cluster file; clients use the primary's URI, and the initial sync of the new
- * volume is done before the URI is returned).
+ * volume is done before the URI is returned), and `duplex-replicated-tls` (the same with cluster
+ * TLS between the nodes: the cost of encryption on the replicated write path).
  */
 import { closeSync, ftruncateSync, openSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
@@ -148,13 +149,20 @@ export function duplexPeer(ctx: PeerContext): Peer {
   }
 }
 
-/** Two duplex nodes replicating `bench` synchronously; node-a is primary. */
-export function duplexReplicatedPeer(ctx: PeerContext): Peer {
+/**
+ * Two duplex nodes replicating `bench` synchronously; node-a is primary. `tls`: the nodes (and
+ * the CLI that waits for the sync) use cluster TLS, with certificates made by `duplex cert`.
+ */
+export function duplexReplicatedPeer(ctx: PeerContext, tls = false): Peer {
   const cli = join(ctx.repoRoot, 'dist', 'src', 'cli', 'main.js')
+  const name = tls ? 'duplex-replicated-tls' : 'duplex-replicated'
   return {
-    name: 'duplex-replicated',
+    name,
     async start() {
-      const dir = makeTempDir('duplex-replicated')
+      const dir = makeTempDir(name)
+      const credentials = tls ? await makeCredentials(cli, dir) : undefined
+      const credentialsOf = (holder: string): string[] =>
+        credentials === undefined ? [] : ['--credentials', join(credentials, holder)]
       const replicationPorts = [await freePort(), await freePort()]
       const names = ['node-a', 'node-b']
       const cluster = join(dir, 'cluster.json')
@@ -174,13 +182,13 @@ export function duplexReplicatedPeer(ctx: PeerContext): Peer {
         spawnTracked(`duplex-${name}`, process.execPath, [
           ...[cli, 'node', '--name', name, '--data-dir', join(dir, name)],
           ...['--listen', `127.0.0.1:${nbdPorts[i] ?? 0}`, '--metrics-listen', '127.0.0.1:0'],
-          ...['--cluster', cluster],
+          ...['--cluster', cluster, ...credentialsOf(name)],
         ]),
       )
       const uri = `nbd://127.0.0.1:${nbdPorts[0] ?? 0}/bench`
       try {
         await waitForNbd(uri, procs)
-        await waitForUpToDate(cli, cluster, procs)
+        await waitForUpToDate(cli, [cluster, ...credentialsOf('admin')], procs)
       } catch (err) {
         await stopper(procs, dir)()
         throw err
@@ -190,13 +198,44 @@ export function duplexReplicatedPeer(ctx: PeerContext): Peer {
   }
 }
 
+/** A CA and credentials for node-a, node-b and an admin, in DIR/credentials/NAME. */
+async function makeCredentials(cli: string, dir: string): Promise<string> {
+  const out = join(dir, 'credentials')
+  const duplex = async (args: string[]): Promise<void> => {
+    const result = await run(process.execPath, [cli, ...args])
+    if (result.code !== 0) throw new Error(`duplex ${args.join(' ')}: ${result.stderr}`)
+  }
+  const ca = join(out, 'ca')
+  await duplex(['cert', 'ca', '--dir', ca])
+  for (const [holder, kind] of [
+    ['node-a', 'node'],
+    ['node-b', 'node'],
+    ['admin', 'admin'],
+  ]) {
+    const address = kind === 'node' ? ['--ip', '127.0.0.1'] : []
+    await duplex([
+      'cert',
+      'issue',
+      holder ?? '',
+      '--ca-dir',
+      ca,
+      '--out',
+      out,
+      '--kind',
+      kind ?? '',
+      ...address,
+    ])
+  }
+  return out
+}
+
 /** Polls `duplex volume status` until both replicas are UpToDate (30 s at most). */
-async function waitForUpToDate(cli: string, cluster: string, procs: Tracked[]): Promise<void> {
+async function waitForUpToDate(cli: string, cluster: string[], procs: Tracked[]): Promise<void> {
   const deadline = Date.now() + 30_000
   let last = ''
   while (Date.now() < deadline) {
     const status = await run(process.execPath, [
-      ...[cli, 'volume', 'status', '--cluster', cluster, '--output', 'json'],
+      ...[cli, 'volume', 'status', '--output', 'json', '--cluster', ...cluster],
     ])
     last = status.stdout + status.stderr
     if (status.code === 0) {
@@ -209,7 +248,13 @@ async function waitForUpToDate(cli: string, cluster: string, procs: Tracked[]): 
   throw new Error(`replicas not UpToDate in 30 s:\n${last}`)
 }
 
-export const peerNames = ['duplex', 'duplex-replicated', 'qemu-nbd', 'quorum'] as const
+export const peerNames = [
+  'duplex',
+  'duplex-replicated',
+  'duplex-replicated-tls',
+  'qemu-nbd',
+  'quorum',
+] as const
 export type PeerName = (typeof peerNames)[number]
 
 export function makePeer(name: PeerName, ctx: PeerContext): Peer {
@@ -218,6 +263,8 @@ export function makePeer(name: PeerName, ctx: PeerContext): Peer {
       return duplexPeer(ctx)
     case 'duplex-replicated':
       return duplexReplicatedPeer(ctx)
+    case 'duplex-replicated-tls':
+      return duplexReplicatedPeer(ctx, true)
     case 'qemu-nbd':
       return qemuNbdPeer
     case 'quorum':

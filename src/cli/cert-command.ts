@@ -45,7 +45,17 @@ async function openssl(args: string[]): Promise<void> {
 
 const keyArgs = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes']
 
-export async function makeCa(dir: string, name: string, days: number): Promise<void> {
+/** Where `duplex cert` reports what it wrote (stdout; the demo passes a quiet one). */
+export type Say = (line: string) => void
+
+const toStdout: Say = (line) => process.stdout.write(`${line}\n`)
+
+export async function makeCa(
+  dir: string,
+  name: string,
+  days: number,
+  say: Say = toStdout,
+): Promise<void> {
   await mkdir(dir, { recursive: true })
   const cert = path.join(dir, 'ca-cert.pem')
   const key = path.join(dir, 'ca-key.pem')
@@ -55,7 +65,7 @@ export async function makeCa(dir: string, name: string, days: number): Promise<v
     ...['-addext', 'keyUsage=critical,keyCertSign,cRLSign'],
   ])
   await chmod(key, 0o600)
-  process.stdout.write(`CA ${name}: ${cert} (keep ${key} offline)\n`)
+  say(`CA ${name}: ${cert} (keep ${key} offline)`)
 }
 
 export const certKinds = ['node', 'witness', 'admin', 'client', 'server'] as const
@@ -79,7 +89,11 @@ export interface IssueOptions {
   days: number
 }
 
-export async function issueCert(name: string, options: IssueOptions): Promise<void> {
+export async function issueCert(
+  name: string,
+  options: IssueOptions,
+  say: Say = toStdout,
+): Promise<void> {
   if (!/^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/.test(name)) {
     throw new DuplexError(
       'INVALID_ARGUMENT',
@@ -130,7 +144,7 @@ export async function issueCert(name: string, options: IssueOptions): Promise<vo
     await rm(csr, { force: true })
     await rm(ext, { force: true })
   }
-  process.stdout.write(`${options.kind} certificate ${name}: ${cert}, key ${key}\n`)
+  say(`${options.kind} certificate ${name}: ${cert}, key ${key}`)
   if (options.kind === 'node' || options.kind === 'witness' || options.kind === 'admin') {
     const dir = path.join(options.out, name)
     await mkdir(dir, { recursive: true })
@@ -139,7 +153,7 @@ export async function issueCert(name: string, options: IssueOptions): Promise<vo
     await copyFile(cert, files.cert)
     await copyFile(key, files.key)
     await chmod(files.key, 0o600)
-    process.stdout.write(`credentials directory (--credentials): ${dir}\n`)
+    say(`credentials directory (--credentials): ${dir}`)
   }
   if (options.kind === 'client') {
     const dir = path.join(options.out, name)
@@ -148,6 +162,6 @@ export async function issueCert(name: string, options: IssueOptions): Promise<vo
     await copyFile(cert, path.join(dir, 'client-cert.pem'))
     await copyFile(key, path.join(dir, 'client-key.pem'))
     await chmod(path.join(dir, 'client-key.pem'), 0o600)
-    process.stdout.write(`client directory for qemu (tls-creds-x509 dir=) and nbdinfo: ${dir}\n`)
+    say(`client directory for qemu (tls-creds-x509 dir=) and nbdinfo: ${dir}`)
   }
 }

@@ -14,9 +14,14 @@
  * printed once the demo volume is served by both nodes. State lives in --dir (one directory per
  * process; the catalog in the witness's) and is reused on the next run: every step is idempotent.
  * Ctrl-C or SIGTERM stops every process cleanly.
+ *
+ * Cluster TLS needs no setup: on its first run the demo makes a throwaway CA and credentials for
+ * the witness, both nodes and an admin in --dir/credentials (with openssl; without openssl it
+ * runs in plaintext and says so), and the hints say how the CLI uses them.
  */
 import { spawn } from 'node:child_process'
 import type { ChildProcess } from 'node:child_process'
+import { access } from 'node:fs/promises'
 import path from 'node:path'
 import readline from 'node:readline'
 import { setTimeout as sleep } from 'node:timers/promises'
@@ -26,6 +31,10 @@ import { GiB } from '../core/units.js'
 import { AdminClient } from '../witness/admin-service.js'
 import type { CatalogCommand } from '../witness/catalog.js'
 import { defaultWitness } from './catalog-command.js'
+import { issueCert, makeCa } from './cert-command.js'
+import type { CertKind } from './cert-command.js'
+import { createLogger } from '../core/log.js'
+import { credentialFiles, TlsCredentials } from '../core/tls.js'
 
 export interface DemoArgs {
   dir: string
@@ -73,6 +82,9 @@ export async function runDemo(args: DemoArgs): Promise<number> {
   const nodes = demoNodes(args.port)
   const witnessAddress = `127.0.0.1:${args.port + 6}`
   const witnessMetrics = `127.0.0.1:${args.port + 7}`
+  const credentials = await demoCredentials(dir, nodes)
+  const credentialsOf = (name: string): string[] =>
+    credentials === undefined ? [] : ['--credentials', path.join(credentials, name)]
   const witness = await startProcess('witness', [
     'witness',
     '--name',
@@ -83,8 +95,20 @@ export async function runDemo(args: DemoArgs): Promise<number> {
     witnessAddress,
     '--metrics-listen',
     witnessMetrics,
+    ...credentialsOf('witness'),
   ])
-  const admin = new AdminClient(witnessAddress)
+  const adminTls =
+    credentials === undefined
+      ? undefined
+      : new TlsCredentials({
+          files: credentialFiles(path.join(credentials, 'admin')),
+          log: createLogger('demo'),
+          reloadMs: 0,
+        })
+  const admin = new AdminClient(
+    witnessAddress,
+    adminTls === undefined ? {} : { credentials: adminTls.channelCredentials({ role: 'witness' }) },
+  )
   const started: Started[] = [witness]
   try {
     await buildCatalog(admin, nodes, dir)
@@ -103,6 +127,7 @@ export async function runDemo(args: DemoArgs): Promise<number> {
           `127.0.0.1:${node.metricsPort}`,
           '--witness',
           witnessAddress,
+          ...credentialsOf(node.name),
         ]),
       ),
     )
@@ -117,6 +142,7 @@ export async function runDemo(args: DemoArgs): Promise<number> {
     throw error
   } finally {
     admin.close()
+    adminTls?.close()
   }
   for (const node of nodes) {
     const process_ = started.find((p) => p.name === node.name)
@@ -132,8 +158,15 @@ export async function runDemo(args: DemoArgs): Promise<number> {
   )
   const [a, b] = nodes.map((node) => `nbd://127.0.0.1:${node.nbdPort}/${DEMO_VOLUME}`)
   const witnessFlag = witnessAddress === defaultWitness ? '' : ` --witness ${witnessAddress}`
+  const tlsHint =
+    credentials === undefined
+      ? 'The cluster traffic is in the clear (no openssl to make certificates with).\n'
+      : `The cluster traffic is mutual TLS, with throwaway certificates in ${credentials}.\n` +
+        `For the CLI: export DUPLEX_CREDENTIALS=${path.join(credentials, 'admin')}\n`
   process.stdout.write(
-    `\nduplex demo is running (state in ${dir}). Every write reaches both nodes. Try:\n` +
+    `\nduplex demo is running (state in ${dir}). Every write reaches both nodes.\n` +
+      tlsHint +
+      `Try:\n` +
       `  qemu-img info ${a}\n` +
       `  qemu-io -f raw -c 'write -P 0xab 0 1M' ${a}\n` +
       `  qemu-io -f raw -c 'read -P 0xab 0 1M' ${b}\n` +
@@ -283,4 +316,51 @@ function supervise(processes: Started[]): Promise<number> {
     process.on('SIGINT', stopAll)
     process.on('SIGTERM', stopAll)
   })
+}
+
+/**
+ * The demo's throwaway credentials in DIR/credentials (made on the first run): a CA, and the
+ * credential directories `witness`, `node-a`, `node-b` and `admin`. Undefined without openssl.
+ */
+async function demoCredentials(dir: string, nodes: DemoNode[]): Promise<string | undefined> {
+  const credentials = path.join(dir, 'credentials')
+  const quiet = (): void => undefined
+  const made = path.join(credentials, 'admin', 'key.pem')
+  if (await exists(made)) return credentials
+  try {
+    const caDir = path.join(credentials, 'ca')
+    await makeCa(caDir, 'duplex-demo-ca', 3650, quiet)
+    const issue = (name: string, kind: CertKind): Promise<void> =>
+      issueCert(
+        name,
+        {
+          caDir,
+          out: credentials,
+          kind,
+          ips: kind === 'admin' ? [] : ['127.0.0.1'],
+          dnsNames: [],
+          days: 3650,
+        },
+        quiet,
+      )
+    await issue('witness', 'witness')
+    for (const node of nodes) await issue(node.name, 'node')
+    await issue('admin', 'admin')
+    return credentials
+  } catch (error) {
+    if (isDuplexError(error, 'UNAVAILABLE')) {
+      process.stderr.write(`duplex demo: ${errorMessage(error)}; running without TLS\n`)
+      return undefined
+    }
+    throw error
+  }
+}
+
+async function exists(file: string): Promise<boolean> {
+  try {
+    await access(file)
+    return true
+  } catch {
+    return false
+  }
 }

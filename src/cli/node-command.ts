@@ -135,7 +135,9 @@ export async function runNodeCommand(args: NodeArgs): Promise<number> {
     dataDir: args.dataDir,
     listen,
     ...(metricsListen === undefined ? {} : { metricsListen }),
-    ...(nbdTlsSetup === undefined ? {} : { tls: nbdTlsSetup.options }),
+    ...(nbdTlsSetup === undefined
+      ? {}
+      : { tls: nbdTlsSetup.options, nbdCertificate: nbdTlsSetup.credentials }),
     ...(tls === undefined ? {} : { clusterTls: tls }),
     blockSizes: {
       minBytes: args.blockSizeMin,

@@ -13,7 +13,11 @@ import type { NbdTlsOptions } from '../nbd/server.js'
 import type { BlockSizes } from '../nbd/handshake.js'
 import { NodeStore } from '../replica/store.js'
 import { AdminSocketServer, adminSocketPath, performAdminRequest } from './admin-socket.js'
-import { MetricsServer, registerProcessMetrics } from '../metrics/http.js'
+import {
+  MetricsServer,
+  registerCertificateMetrics,
+  registerProcessMetrics,
+} from '../metrics/http.js'
 import type { ClusterConfig } from './cluster-config.js'
 import { Replication } from './replication.js'
 import { IoMetrics } from '../metrics/io-metrics.js'
@@ -33,6 +37,8 @@ export interface NodeOptions {
   tls?: NbdTlsOptions
   /** Cluster TLS: mutual TLS with the witness and the peers (src/core/tls.ts). */
   clusterTls?: TlsCredentials
+  /** The NBD certificate's files, for the expiry metric. */
+  nbdCertificate?: TlsCredentials
   /** Replicate the volumes this cluster file places on this node (see cluster-config.ts). */
   cluster?: ClusterConfig
   /** Tuning and test hooks for replication. */
@@ -53,6 +59,14 @@ export async function startNode(options: NodeOptions): Promise<RunningNode> {
   const registry = new Registry()
   registry.setDefaultLabels({ node: options.name })
   registerProcessMetrics(registry)
+  registerCertificateMetrics(registry, [
+    ...(options.clusterTls === undefined
+      ? []
+      : [{ purpose: 'cluster' as const, credentials: options.clusterTls }]),
+    ...(options.nbdCertificate === undefined
+      ? []
+      : [{ purpose: 'nbd' as const, credentials: options.nbdCertificate }]),
+  ])
   const roundTrips = peerRoundTripHistogram(registry)
   const store = await NodeStore.open(options.dataDir)
   let replication: Replication | undefined

@@ -18,7 +18,11 @@ import { DuplexError, errorMessage } from '../core/errors.js'
 import { formatEpoch } from '../core/epochs.js'
 import type { Logger } from '../core/log.js'
 import type { TlsCredentials } from '../core/tls.js'
-import { MetricsServer, registerProcessMetrics } from '../metrics/http.js'
+import {
+  MetricsServer,
+  registerCertificateMetrics,
+  registerProcessMetrics,
+} from '../metrics/http.js'
 import { Arbiter } from '../witness/arbiter.js'
 import type { Decision, VolumeRecord } from '../witness/arbiter.js'
 import { nodeLeaseDefaults } from '../witness/lease.js'
@@ -309,6 +313,10 @@ export async function startWitness(options: WitnessOptions): Promise<RunningWitn
   const registry = new Registry()
   registry.setDefaultLabels({ witness: options.name })
   registerProcessMetrics(registry)
+  registerCertificateMetrics(
+    registry,
+    options.tls === undefined ? [] : [{ purpose: 'cluster', credentials: options.tls }],
+  )
   registerWitnessMetrics(registry, witness)
   const metrics = new MetricsServer(registry, log.child('metrics'))
 

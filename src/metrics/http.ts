@@ -4,9 +4,10 @@
  */
 import http from 'node:http'
 import type { AddressInfo } from 'node:net'
-import { collectDefaultMetrics } from 'prom-client'
+import { collectDefaultMetrics, Gauge } from 'prom-client'
 import type { Registry } from 'prom-client'
 import type { Logger } from '../core/log.js'
+import type { TlsCredentials } from '../core/tls.js'
 import { errorMessage } from '../core/errors.js'
 
 export class MetricsServer {
@@ -70,4 +71,32 @@ export function registerProcessMetrics(registry: Registry): void {
   ]) {
     registry.removeSingleMetric(name)
   }
+}
+
+/** A TLS certificate a process uses, by what it secures ("cluster": gRPC, "nbd"). */
+export interface CertificateInUse {
+  purpose: 'cluster' | 'nbd'
+  credentials: TlsCredentials
+}
+
+/**
+ * `duplex_tls_certificate_expiry_timestamp_seconds{purpose}`: when each certificate in use
+ * expires, read at scrape time (so a rotated certificate shows at once). Registered even
+ * without TLS, with no series then.
+ */
+export function registerCertificateMetrics(
+  registry: Registry,
+  certificates: readonly CertificateInUse[],
+): void {
+  new Gauge({
+    name: 'duplex_tls_certificate_expiry_timestamp_seconds',
+    help: 'When the TLS certificate in use expires (Unix time), by what it secures: cluster (gRPC) or nbd',
+    labelNames: ['purpose'],
+    registers: [registry],
+    collect() {
+      for (const { purpose, credentials } of certificates) {
+        this.set({ purpose }, credentials.current.validTo.getTime() / 1000)
+      }
+    },
+  })
 }
