@@ -415,8 +415,9 @@ export interface Caller {
  */
 export type Authorize<Request> = (request: Request, caller: Caller) => void
 
-function callerOf(call: grpc.ServerUnaryCall<Buffer, Buffer>): Caller {
-  const certificate = call.getAuthContext().sslPeerCertificate
+/** The caller; its certificate is read only when a rule will look at it (a TLS server). */
+function callerOf(call: grpc.ServerUnaryCall<Buffer, Buffer>, withIdentity: boolean): Caller {
+  const certificate = withIdentity ? call.getAuthContext().sslPeerCertificate : undefined
   return { address: call.getPeer(), identity: identityOfSubject(certificate?.subject) }
 }
 
@@ -470,7 +471,7 @@ export function unary<Request, Reply>(
   authorize?: Authorize<Request>,
 ): grpc.handleUnaryCall<Buffer, Buffer> {
   return (serverCall, callback) => {
-    const context = { log, caller: callerOf(serverCall), where }
+    const context = { log, caller: callerOf(serverCall, authorize !== undefined), where }
     answer(call, serverCall.request, run, context, authorize).then(
       (reply) => {
         callback(null, reply)

@@ -858,7 +858,7 @@ async function serveForward(
  * request's `fromNode` must be the name in the caller's certificate), and admins for what the CLI
  * asks (describe, checksum, repair, promote, resolve).
  */
-const peerRules = {
+export const peerRules = {
   node:
     (action: string) =>
     (request: { fromNode?: string }, caller: Caller): void => {

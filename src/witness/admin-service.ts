@@ -528,7 +528,7 @@ export function decodeCatalog(bytes: Uint8Array): Catalog {
  * Who may use the catalog under cluster TLS: changes need an admin certificate, except that a
  * node registers itself (its certificate names it); nodes and admins read.
  */
-const adminRules = {
+export const adminRules = {
   change: (command: CatalogCommand, caller: Caller) => {
     if (command.type === 'registerNode' && caller.identity?.role === 'node') {
       requireNode(caller, command.name, 'register a node')

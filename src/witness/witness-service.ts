@@ -304,7 +304,7 @@ export const witnessService: grpc.ServiceDefinition = {
  * name is the request's node; for a handover, the owner that hands over), so no node can ask for
  * another's lease or grant; `Status` is for nodes and admins.
  */
-const witnessRules = {
+export const witnessRules = {
   heartbeat: ({ node }: { node: string }, caller: Caller) => {
     requireNode(caller, node, 'renew a lease')
   },
