@@ -1,10 +1,17 @@
 /**
  * Micro-benchmark of the replication transport (src/replica/peer-link.ts) over loopback:
  * 4 KiB writes at 32 in flight through a real gRPC stream (ops/s, µs per op), the round trip of
- * one op at a time (what an iodepth-1 client pays on top of the local write), the codec's
- * encode + decode cost per 32-op batch message, and xxh64 cost per 4 KiB.
+ * one op at a time (what an iodepth-1 client pays on top of the local write), the same two over
+ * cluster TLS (certificates from `duplex cert`, openssl needed) with the TLS/plaintext ratio, the
+ * codec's encode + decode cost per 32-op batch message, and xxh64 cost per 4 KiB.
  * Run: `node dist/bench/peer-link.js` (after `npx tsc -p tsconfig.json`).
  */
+import { mkdtemp, rm } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { issueCert, makeCa } from '../src/cli/cert-command.js'
+import { silentLogger } from '../src/core/log.js'
+import { credentialFiles, TlsCredentials } from '../src/core/tls.js'
 import { PeerLinkClient, PeerLinkServer } from '../src/replica/peer-link.js'
 import type { PeerStream } from '../src/replica/peer-link.js'
 import { decodeRequest, encodeRequest } from '../src/replica/peer-messages.js'
@@ -26,8 +33,39 @@ function microsPer(startNs: bigint, count: number): number {
   return Number(process.hrtime.bigint() - startNs) / 1000 / count
 }
 
-async function benchStream(depth: number, streamOps: number): Promise<Row[]> {
+interface StreamTls {
+  server: TlsCredentials
+  client: TlsCredentials
+}
+
+/** Credentials for nodes `a` (the client) and `b` (the server) of a throwaway CA. */
+async function makeTls(): Promise<StreamTls & { dir: string }> {
+  const dir = await mkdtemp(join(tmpdir(), 'duplex-bench-tls-'))
+  const quiet = (): void => undefined
+  const caDir = join(dir, 'ca')
+  await makeCa(caDir, 'bench-ca', 30, quiet)
+  for (const name of ['a', 'b']) {
+    const options = { caDir, out: dir, kind: 'node' as const, ips: ['127.0.0.1'], dnsNames: [] }
+    await issueCert(name, { ...options, days: 30 }, quiet)
+  }
+  const credentials = (name: string): TlsCredentials =>
+    new TlsCredentials({
+      files: credentialFiles(join(dir, name)),
+      self: { role: 'node', name },
+      log: silentLogger,
+      reloadMs: 0,
+    })
+  return { dir, server: credentials('b'), client: credentials('a') }
+}
+
+async function benchStream(
+  depth: number,
+  streamOps: number,
+  tls?: StreamTls,
+): Promise<{ rows: Row[]; us: number }> {
+  const label = tls === undefined ? 'stream' : 'stream over TLS'
   const server = new PeerLinkServer({
+    ...(tls === undefined ? {} : { credentials: tls.server.serverCredentials(), secure: true }),
     onStream: (hello, replies) => ({
       type: 'accept',
       epoch: hello.epoch,
@@ -42,7 +80,11 @@ async function benchStream(depth: number, streamOps: number): Promise<Row[]> {
     }),
   })
   const port = await server.listen('127.0.0.1', 0)
-  const client = new PeerLinkClient()
+  const client = new PeerLinkClient(
+    tls === undefined
+      ? {}
+      : { credentials: tls.client.channelCredentials({ role: 'node', name: 'b' }) },
+  )
   client.connect(`127.0.0.1:${port}`)
   const data = Buffer.alloc(opBytes, 0xab)
   let next = 1
@@ -77,18 +119,19 @@ async function benchStream(depth: number, streamOps: number): Promise<Row[]> {
   const stats = stream.stats
   client.close()
   await server.close()
-  return [
-    { what: `stream: 4 KiB writes, ${depth} in flight`, value: `${Math.round(1e6 / us)} ops/s` },
+  const rows = [
+    { what: `${label}: 4 KiB writes, ${depth} in flight`, value: `${Math.round(1e6 / us)} ops/s` },
     {
-      what: depth === 1 ? 'stream: round trip (op to ack), 1 in flight' : 'stream: time per op',
+      what: depth === 1 ? `${label}: round trip (op to ack), 1 in flight` : `${label}: time per op`,
       value: `${us.toFixed(2)} µs`,
     },
-    { what: 'stream: ops per OpBatch', value: (stats.opsSent / stats.opBatchesSent).toFixed(1) },
+    { what: `${label}: ops per OpBatch`, value: (stats.opsSent / stats.opBatchesSent).toFixed(1) },
     {
-      what: 'stream: acks per AckBatch',
+      what: `${label}: acks per AckBatch`,
       value: (stats.acksReceived / stats.ackBatchesReceived).toFixed(1),
     },
   ]
+  return { rows, us }
 }
 
 function benchCodec(): Row[] {
@@ -141,9 +184,27 @@ async function benchHash(): Promise<Row[]> {
   ]
 }
 
+const plain = await benchStream(depth, streamOps)
+const plainOne = await benchStream(1, streamOps / 10)
+const tls = await makeTls()
+const secure = await benchStream(depth, streamOps, tls)
+const secureOne = await benchStream(1, streamOps / 10, tls)
+tls.server.close()
+tls.client.close()
+await rm(tls.dir, { recursive: true, force: true })
 const rows = [
-  ...(await benchStream(depth, streamOps)),
-  ...(await benchStream(1, streamOps / 10)),
+  ...plain.rows,
+  ...plainOne.rows,
+  ...secure.rows,
+  ...secureOne.rows,
+  {
+    what: `TLS/plaintext throughput, ${depth} in flight`,
+    value: `${(plain.us / secure.us).toFixed(2)}x`,
+  },
+  {
+    what: 'TLS/plaintext round trip, 1 in flight',
+    value: `${(secureOne.us / plainOne.us).toFixed(2)}x`,
+  },
   ...benchCodec(),
   ...(await benchHash()),
 ]

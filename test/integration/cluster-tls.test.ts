@@ -33,6 +33,7 @@ import {
   duplex,
   freePorts,
   missingTools,
+  rejection,
   run,
   spawnDaemon,
   startWitness,
@@ -55,15 +56,6 @@ interface VolumeRow {
   owner?: string
   inSync?: boolean
   epoch?: number
-}
-
-async function rejection(promise: Promise<unknown>): Promise<unknown> {
-  try {
-    await promise
-  } catch (error) {
-    return error
-  }
-  throw new Error('expected a rejection')
 }
 
 function credentialsOf(dir: string): TlsCredentials {
@@ -162,9 +154,8 @@ t.test(
   'a cluster with mutual TLS: it replicates, and refuses whoever lacks the credentials',
   { skip: skip ?? false, timeout: 240_000 },
   async (t) => {
-    const dir = await tempDir('duplex-cluster-tls-')
-    t.teardown(() => fs.rm(dir, { recursive: true, force: true }))
-    const pki = new ClusterPki(dir)
+    const pki = await ClusterPki.temporary(t, 'duplex-cluster-tls-')
+    const { dir } = pki
     await pki.makeCa('cluster')
     await pki.makeCa('stranger')
     const creds = {
@@ -431,9 +422,8 @@ t.test(
   'certificates and then the CA rotate under a writer, without a restart',
   { skip: skip ?? false, timeout: 240_000 },
   async (t) => {
-    const dir = await tempDir('duplex-rotate-')
-    t.teardown(() => fs.rm(dir, { recursive: true, force: true }))
-    const pki = new ClusterPki(dir)
+    const pki = await ClusterPki.temporary(t, 'duplex-rotate-')
+    const { dir } = pki
     await pki.makeCa('old')
     // The live directories the daemons read; rotation replaces their files.
     const live: Record<string, string> = {}
@@ -550,9 +540,8 @@ t.test(
 )
 
 t.test('bad credentials stop a daemon with a clear error', { skip: skip ?? false }, async (t) => {
-  const dir = await tempDir('duplex-badcreds-')
-  t.teardown(() => fs.rm(dir, { recursive: true, force: true }))
-  const pki = new ClusterPki(dir)
+  const pki = await ClusterPki.temporary(t, 'duplex-badcreds-')
+  const { dir } = pki
   await pki.makeCa('cluster')
   await pki.makeCa('stranger')
   const a1 = await pki.issue('cluster', 'a1', 'node')

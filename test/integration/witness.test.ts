@@ -9,20 +9,11 @@ import t from 'tap'
 import { isDuplexError } from '../../src/core/errors.js'
 import { termsPerGeneration } from '../../src/core/epochs.js'
 import { WitnessClient, witnessService } from '../../src/witness/witness-service.js'
-import { spawnDaemon, startWitness } from '../lib/node-process.js'
+import { rejection, spawnDaemon, startWitness } from '../lib/node-process.js'
 
 const G = termsPerGeneration
 /** A short lease keeps the test fast: the restart pause is ~0.76 s. */
 const leaseArgs = ['--lease-ms', '500']
-
-async function rejection(promise: Promise<unknown>): Promise<unknown> {
-  try {
-    await promise
-  } catch (error) {
-    return error
-  }
-  throw new Error('expected a rejection')
-}
 
 async function untilGranting(client: WitnessClient): Promise<void> {
   for (;;) {

@@ -5,12 +5,20 @@
  */
 import fs from 'node:fs/promises'
 import path from 'node:path'
-import { duplex, run } from './node-process.js'
+import type { Test } from 'tap'
+import { duplex, run, tempDir } from './node-process.js'
 
 export type Kind = 'node' | 'witness' | 'admin' | 'client' | 'server'
 
 export class ClusterPki {
   constructor(readonly dir: string) {}
+
+  /** A PKI in a fresh temporary directory that `t`'s teardown removes. */
+  static async temporary(t: Test, prefix: string): Promise<ClusterPki> {
+    const dir = await tempDir(prefix)
+    t.teardown(() => fs.rm(dir, { recursive: true, force: true }))
+    return new ClusterPki(dir)
+  }
 
   caDir(ca: string): string {
     return path.join(this.dir, ca)

@@ -278,3 +278,13 @@ export async function until<T>(
     await new Promise((resolve) => setTimeout(resolve, 200))
   }
 }
+
+/** What `promise` rejected with; fails if it resolved. */
+export async function rejection(promise: Promise<unknown>): Promise<unknown> {
+  try {
+    await promise
+  } catch (error) {
+    return error
+  }
+  throw new Error('expected a rejection')
+}

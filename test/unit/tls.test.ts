@@ -19,7 +19,7 @@ import {
 } from '../../src/core/tls.js'
 import type { Caller } from '../../src/core/unary-rpc.js'
 import { ClusterPki, installCredentials } from '../lib/cluster-pki.js'
-import { missingTools, tempDir } from '../lib/node-process.js'
+import { missingTools } from '../lib/node-process.js'
 
 const skip = await missingTools(['openssl'])
 
@@ -80,9 +80,8 @@ t.test('authorization rules name the caller and the reason', async (t) => {
 })
 
 t.test('a process checks its own files', { skip: skip ?? false }, async (t) => {
-  const dir = await tempDir('duplex-tls-unit-')
-  t.teardown(() => fs.rm(dir, { recursive: true, force: true }))
-  const pki = new ClusterPki(dir)
+  const pki = await ClusterPki.temporary(t, 'duplex-tls-unit-')
+  const { dir } = pki
   await pki.makeCa('cluster')
   await pki.makeCa('other')
   const a1 = await pki.issue('cluster', 'a1', 'node')
@@ -169,9 +168,8 @@ t.test('a process checks its own files', { skip: skip ?? false }, async (t) => {
 })
 
 t.test('replaced files are installed only when they pass', { skip: skip ?? false }, async (t) => {
-  const dir = await tempDir('duplex-tls-reload-')
-  t.teardown(() => fs.rm(dir, { recursive: true, force: true }))
-  const pki = new ClusterPki(dir)
+  const pki = await ClusterPki.temporary(t, 'duplex-tls-reload-')
+  const { dir } = pki
   await pki.makeCa('cluster')
   const first = await pki.issue('cluster', 'a1', 'node')
   const second = await pki.issue('cluster', 'a1', 'node', 'second')
