@@ -267,6 +267,8 @@ export interface TlsCredentialsOptions {
   reloadMs?: number
   /** Called after a new set was installed (metrics). */
   onInstalled?: (material: TlsMaterial) => void
+  /** Milliseconds since the epoch (tests move it); Date.now by default. */
+  clock?: () => number
 }
 
 /** Default `reloadMs`: a replaced certificate is in use within a minute. */
@@ -277,14 +279,18 @@ export class TlsCredentials implements grpc.experimental.CertificateProvider {
   private context: tls.SecureContext
   private stamp: string
   private lastProblem: string | undefined
+  /** The serial whose expiry was logged. */
+  private expiredSaid: string | undefined
+  private readonly now: () => number
   private readonly caListeners = new Set<CaListener>()
   private readonly identityListeners = new Set<IdentityListener>()
   private readonly timer: NodeJS.Timeout | undefined
 
   /** Throws INVALID_ARGUMENT (see loadTlsFiles) when the files are not usable now. */
   constructor(private readonly options: TlsCredentialsOptions) {
+    this.now = options.clock ?? Date.now
     this.stamp = this.fileStamp()
-    this.material = loadTlsFiles(options.files, options.self, new Date())
+    this.material = loadTlsFiles(options.files, options.self, new Date(this.now()))
     this.context = secureContextOf(this.material)
     const reloadMs = options.reloadMs ?? tlsReloadMsDefault
     if (reloadMs > 0) {
@@ -315,11 +321,14 @@ export class TlsCredentials implements grpc.experimental.CertificateProvider {
   reload(force = false): boolean {
     const { files, self, log } = this.options
     const stamp = this.fileStamp()
-    if (!force && stamp === this.stamp) return false
+    if (!force && stamp === this.stamp) {
+      this.checkExpiry()
+      return false
+    }
     let material: TlsMaterial
     let context: tls.SecureContext
     try {
-      material = loadTlsFiles(files, self, new Date())
+      material = loadTlsFiles(files, self, new Date(this.now()))
       context = secureContextOf(material)
     } catch (error) {
       const problem = errorMessage(error)
@@ -356,6 +365,17 @@ export class TlsCredentials implements grpc.experimental.CertificateProvider {
     }
     this.options.onInstalled?.(material)
     return true
+  }
+
+  /** Says once, loudly, when the certificate in use has expired and was not replaced. */
+  private checkExpiry(): void {
+    const { validTo, identity, serial } = this.material
+    if (this.expiredSaid === serial || validTo.getTime() > this.now()) return
+    this.expiredSaid = serial
+    this.options.log.error(
+      'the TLS certificate in use has expired: other processes refuse this one; install a new one (docs/security.md)',
+      { name: identity.name, serial, validTo: validTo.toISOString() },
+    )
   }
 
   /** A gRPC server that requires a client certificate from the CA. */

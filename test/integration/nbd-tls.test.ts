@@ -4,13 +4,18 @@
  * requires TLS refuses plaintext clients (NBD_REP_ERR_TLS_REQD), clients without a certificate
  * and clients whose certificate another CA signed, before they reach any data; a node that only
  * offers TLS serves both; a volume's access lists let in only the certificates and addresses
- * they name; bad TLS settings are clear errors at start.
+ * they name; bad TLS settings are clear errors at start; a replaced certificate serves new
+ * clients after SIGHUP while sessions opened before stay up.
  */
 import t from 'tap'
 import type { Test } from 'tap'
 import fs from 'node:fs/promises'
 import path from 'node:path'
-import { duplex, missingTools, run, spawnDaemon, tempDir } from '../lib/node-process.js'
+import tls from 'node:tls'
+import { X509Certificate } from 'node:crypto'
+import { duplex, missingTools, run, spawnDaemon, tempDir, until } from '../lib/node-process.js'
+import { NbdClient } from '../lib/nbd-client.js'
+import { ClientFlag, Opt, Rep } from '../../src/nbd/protocol.js'
 import type { DaemonProcess } from '../lib/node-process.js'
 import { makePki } from '../lib/tls-certs.js'
 import { startPair } from '../lib/cluster.js'
@@ -248,5 +253,99 @@ t.test(
       'read -P 0x4d 0 1M',
     )
     t.equal(io.code, 0, `qemu-io with the issued client directory: ${io.stderr}`)
+  },
+)
+
+/** An NBD connection taken through STARTTLS to an open TLS session (no export chosen). */
+async function startTlsSession(address: string, caFile: string): Promise<tls.TLSSocket> {
+  const [host, port] = address.split(':')
+  const client = await NbdClient.connect(Number(port), host)
+  await client.greeting()
+  client.sendClientFlags(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES)
+  const [ack] = await client.option(Opt.STARTTLS)
+  if (ack?.type !== Rep.ACK) throw new Error('STARTTLS refused')
+  const secure = tls.connect({
+    socket: client.socket,
+    ca: await fs.readFile(caFile),
+    servername: 'localhost',
+  })
+  await new Promise<void>((resolve, reject) => {
+    secure.once('secureConnect', resolve)
+    secure.once('error', reject)
+  })
+  return secure
+}
+
+/** The serial of the certificate the NBD server presents after STARTTLS, as a client sees it. */
+async function nbdCertificateSerial(address: string, caFile: string): Promise<string> {
+  const session = await startTlsSession(address, caFile)
+  try {
+    return session.getPeerCertificate().serialNumber
+  } finally {
+    session.destroy()
+  }
+}
+
+t.test(
+  'a replaced NBD certificate serves new clients after SIGHUP, without a restart',
+  { skip: skip ?? false },
+  async (t) => {
+    const dir = await tempDir('duplex-nbd-rotate-')
+    t.teardown(() => fs.rm(dir, { recursive: true, force: true }))
+    const ca = path.join(dir, 'ca')
+    t.equal((await duplex(['cert', 'ca', '--dir', ca])).code, 0)
+    const issue = async (out: string): Promise<{ cert: string; key: string }> => {
+      const issued = await duplex([
+        ...['cert', 'issue', 'n1', '--ca-dir', ca, '--out', path.join(dir, out)],
+        ...['--kind', 'server', '--ip', '127.0.0.1', '--dns', 'localhost'],
+      ])
+      t.equal(issued.code, 0, issued.stderr)
+      return {
+        cert: path.join(dir, out, 'n1-cert.pem'),
+        key: path.join(dir, out, 'n1-key.pem'),
+      }
+    }
+    const first = await issue('first')
+    const second = await issue('second')
+    const live = { cert: path.join(dir, 'live-cert.pem'), key: path.join(dir, 'live-key.pem') }
+    await fs.copyFile(first.cert, live.cert)
+    await fs.copyFile(first.key, live.key)
+    const caFile = path.join(ca, 'ca-cert.pem')
+    const { daemon, address } = await startTlsNode(t, path.join(dir, 'node'), [
+      ...['--tls-cert', live.cert, '--tls-key', live.key, '--tls-required'],
+    ])
+    const serialOf = async (file: string): Promise<string> =>
+      new X509Certificate(await fs.readFile(file)).serialNumber
+    t.equal(await nbdCertificateSerial(address, caFile), await serialOf(first.cert))
+
+    // A client attached before the rotation keeps its session.
+    const attached = await startTlsSession(address, caFile)
+    t.teardown(() => {
+      attached.destroy()
+    })
+    for (const [from, to] of [
+      [second.key, live.key],
+      [second.cert, live.cert],
+    ] as const) {
+      await fs.copyFile(from, `${to}.new`)
+      await fs.rename(`${to}.new`, to)
+    }
+    daemon.child.kill('SIGHUP')
+    const expected = await serialOf(second.cert)
+    await until('the node presents its new certificate', async () =>
+      (await nbdCertificateSerial(address, caFile)) === expected ? true : undefined,
+    )
+    t.pass('a new connection gets the new certificate')
+    t.match(daemon.stderr(), /installed a new TLS certificate/)
+    t.ok(
+      !attached.destroyed && attached.readyState === 'open',
+      'the session opened before is still up',
+    )
+    const io = await run('qemu-io', [
+      ...['--object', `tls-creds-x509,id=tls0,endpoint=client,dir=${path.dirname(caFile)}`],
+      ...['--image-opts', '-c', 'write -P 0x6e 0 1M', '-c', 'read -P 0x6e 0 1M'],
+      `driver=nbd,host=${address.split(':')[0] ?? ''},port=${address.split(':')[1] ?? ''},export=v,tls-creds=tls0`,
+    ])
+    t.equal(io.code, 0, `qemu-io over TLS with the new certificate: ${io.stderr}`)
   },
 )

@@ -217,3 +217,27 @@ t.test('replaced files are installed only when they pass', { skip: skip ?? false
   t.match(lines.join(''), /installed a new TLS certificate name=a1 serial=/)
   t.ok(credentials.secureContext(), 'NBD gets a context')
 })
+
+t.test('a certificate that expires in use is reported once', { skip: skip ?? false }, async (t) => {
+  const pki = await ClusterPki.temporary(t, 'duplex-tls-expiry-')
+  await pki.makeCa('cluster')
+  const a1 = await pki.issue('cluster', 'a1', 'node')
+  let now = Date.now()
+  const lines: string[] = []
+  const credentials = new TlsCredentials({
+    files: credentialFiles(a1),
+    log: createLogger('test', 'info', (line) => lines.push(line)),
+    reloadMs: 0,
+    clock: () => now,
+  })
+  t.teardown(() => {
+    credentials.close()
+  })
+  t.equal(credentials.reload(), false)
+  t.same(lines, [], 'nothing to say while it is valid')
+  now = credentials.current.validTo.getTime() + 1000
+  credentials.reload()
+  credentials.reload()
+  t.equal(lines.length, 1, 'said once')
+  t.match(lines[0], /error test: the TLS certificate in use has expired: .* install a new one/)
+})
