@@ -10,6 +10,7 @@
  * - A node cannot speak for another (a forged grant request, lease or stream is refused); a
  *   replayed grant request of an older epoch changes nothing; a node does not take a peer for
  *   the witness.
+ * - The admin promotes a replica and moves one to a new node, over TLS end to end.
  * - Certificates, then the CA itself, are rotated under a verifying writer with SIGHUP and no
  *   restart: new connections show the new certificates, the writer sees no error, and a node
  *   restarted afterwards rejoins with its new certificate.
@@ -166,7 +167,7 @@ t.test(
     }
     const b2 = await pki.issue('cluster', 'b2', 'node')
     const eve = await pki.issue('stranger', 'eve', 'admin')
-    const impostor = await pki.issue('stranger', 'a2', 'node')
+    const impostor = await pki.issue('stranger', 'x9', 'node')
     const cluster = await startTlsCluster(t, creds)
     const { admin, witness } = cluster
 
@@ -227,15 +228,15 @@ t.test(
     t.equal((await volumeRow(cluster)).name, 'vol', 'the volume is still there')
 
     // A node with another CA's certificate cannot join.
-    await admin.ok(t, 'node', 'add', 'a2', '--domain', 'site-a', '--address', '127.0.0.1:1')
-    const a2Dir = await tempDir('duplex-a2-')
-    t.teardown(() => fs.rm(a2Dir, { recursive: true, force: true }))
+    await admin.ok(t, 'node', 'add', 'x9', '--domain', 'site-a', '--address', '127.0.0.1:1')
+    const x9Dir = await tempDir('duplex-x9-')
+    t.teardown(() => fs.rm(x9Dir, { recursive: true, force: true }))
     // It waits for the catalog before it serves, so it never prints a ready line.
     const outsider = spawn(
       process.execPath,
       [
         cliPath,
-        ...['node', '--name', 'a2', '--data-dir', a2Dir, '--listen', '127.0.0.1:0'],
+        ...['node', '--name', 'x9', '--data-dir', x9Dir, '--listen', '127.0.0.1:0'],
         ...['--witness', witness.address, '--credentials', impostor],
       ],
       { stdio: ['ignore', 'ignore', 'pipe'] },
@@ -248,11 +249,11 @@ t.test(
     t.teardown(() => {
       outsider.kill('SIGKILL')
     })
-    await until('a2 says why it cannot join', () =>
+    await until('x9 says why it cannot join', () =>
       Promise.resolve(/TLS handshake may have failed/.test(outsiderLog) ? true : undefined),
     )
     const rows = await admin.json<NodeRow[]>('node', 'list')
-    t.equal(rows.find((row) => row.name === 'a2')?.up, false, 'the witness never heard from a2')
+    t.equal(rows.find((row) => row.name === 'x9')?.up, false, 'the witness never heard from x9')
 
     // ... nor replicate: a stream from it to b1 fails in the TLS handshake.
     const stranger = credentialsOf(impostor)
@@ -357,6 +358,27 @@ t.test(
       ...['-f', 'raw', '-c', 'read -P 0x3c 0 4M', `nbd://127.0.0.1:${b1}/vol`],
     ])
     t.equal(again.code, 0, 'the data is intact')
+
+    // A replica moves to a new node of site-a: every step between the nodes and with the witness
+    // (copy, adopt, cutover, the witness's replace) passes the authorization rules.
+    await admin.ok(t, 'node', 'remove', 'x9', '--yes')
+    const a2Port = await freePorts(1)
+    await admin.ok(t, 'node', 'add', 'a2', '--domain', 'site-a', '--address', `127.0.0.1:${a2Port}`)
+    const a2Dir = await tempDir('duplex-a2-')
+    t.teardown(() => fs.rm(a2Dir, { recursive: true, force: true }))
+    const a2 = await spawnDaemon('a2', [
+      ...['node', '--name', 'a2', '--data-dir', a2Dir, '--listen', '127.0.0.1:0'],
+      ...['--witness', witness.address, '--credentials', await pki.issue('cluster', 'a2', 'node')],
+    ])
+    t.teardown(() => a2.stop())
+    const a2Nbd = await cluster.nbdPort('a2')
+    await admin.ok(t, 'volume', 'move', 'vol', '--from', 'a1', '--to', 'a2', '--wait')
+    const moved = await run('qemu-io', [
+      ...['-f', 'raw', '-c', 'read -P 0x3c 0 4M', `nbd://127.0.0.1:${a2Nbd}/vol`],
+    ])
+    t.equal(moved.code, 0, `the moved replica on a2 holds the data: ${moved.stderr}`)
+    const verifiedAfter = await admin.cli('volume', 'verify', 'vol')
+    t.equal(verifiedAfter.code, 0, `the replicas on a2 and b1 are equal: ${verifiedAfter.stderr}`)
   },
 )
 
