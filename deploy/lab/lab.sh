@@ -16,6 +16,8 @@
 # and replicates on :10811; b1 likewise on 10.77.0.2; the witness listens on 10.77.0.3:10815.
 # Metrics: :9580 on each node, :10816 on the witness. State and logs: $DUPLEX_LAB_DIR
 # (default /tmp/duplex-lab). Cuts are iptables rules inside the sites' namespaces.
+# The cluster runs mutual TLS as production should (docs/security.md): `up` makes a CA and
+# credentials with `duplex cert` in $DUPLEX_LAB_DIR/credentials; `cli` and `status` use the admin's.
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -43,7 +45,20 @@ in_site() {
 }
 
 duplex() {
-  in_site w node "$cli" "$@" --witness "${ip[w]}:10815"
+  in_site w node "$cli" "$@" --witness "${ip[w]}:10815" --credentials "$state/credentials/admin"
+}
+
+# A CA, and credentials for w1, a1, b1 (naming their addresses) and an admin.
+make_credentials() {
+  command -v openssl >/dev/null || die "the lab runs cluster TLS: apt-get install openssl"
+  local dir="$state/credentials"
+  node "$cli" cert ca --dir "$dir/ca" --name duplex-lab-ca >/dev/null
+  node "$cli" cert issue w1 --ca-dir "$dir/ca" --out "$dir" --kind witness --ip "${ip[w]}" >/dev/null
+  for site in a b; do
+    node "$cli" cert issue "${site}1" --ca-dir "$dir/ca" --out "$dir" --kind node \
+      --ip "${ip[$site]}" >/dev/null
+  done
+  node "$cli" cert issue admin --ca-dir "$dir/ca" --out "$dir" --kind admin >/dev/null
 }
 
 # Starts a daemon inside a site in the background; its pid goes to $state/NAME.pid.
@@ -84,9 +99,11 @@ up() {
     in_site "$site" ip link set "veth-$site" up
   done
   latency 1
+  make_credentials
 
   start_daemon w witness witness --name w1 --data-dir "$state/w1" \
-    --listen "${ip[w]}:10815" --metrics-listen "${ip[w]}:10816"
+    --listen "${ip[w]}:10815" --metrics-listen "${ip[w]}:10816" \
+    --credentials "$state/credentials/w1"
   wait_ready witness
   duplex domain add site-a >/dev/null
   duplex domain add site-b >/dev/null
@@ -96,7 +113,7 @@ up() {
   for site in a b; do
     start_daemon "$site" "${site}1" node --name "${site}1" --data-dir "$state/${site}1" \
       --listen "${ip[$site]}:10809" --metrics-listen "${ip[$site]}:9580" \
-      --witness "${ip[w]}:10815"
+      --witness "${ip[w]}:10815" --credentials "$state/credentials/${site}1"
   done
   wait_ready a1
   wait_ready b1

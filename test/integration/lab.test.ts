@@ -2,16 +2,19 @@
  * deploy/lab/lab.sh, as an operator rehearses a failure (root only: network namespaces; CI runs
  * as root): the three-site lab comes up with a volume in sync, a cut between the data sites
  * leaves it degraded while the primary's site keeps taking writes, healing resyncs it (the other
- * site then reads those writes), and `down` leaves no namespace or state behind.
+ * site then reads those writes), and `down` leaves no namespace or state behind. The lab runs
+ * cluster TLS, so a CLI without its credentials is refused.
  */
 import t from 'tap'
 import fs from 'node:fs/promises'
 import path from 'node:path'
-import { missingTools, repoRoot, run, tempDir, until } from '../lib/node-process.js'
+import { cliPath, missingTools, repoRoot, run, tempDir, until } from '../lib/node-process.js'
 
 const lab = path.join(repoRoot, 'deploy/lab/lab.sh')
 const root = process.getuid?.() === 0
-const skip = root ? await missingTools(['qemu-io', 'ip', 'iptables']) : 'needs root (namespaces)'
+const skip = root
+  ? await missingTools(['qemu-io', 'ip', 'iptables', 'openssl'])
+  : 'needs root (namespaces)'
 
 t.test(
   'the three-site lab: up, cut, heal, down',
@@ -36,6 +39,10 @@ t.test(
     const status = async (): Promise<Status> =>
       JSON.parse((await labRun('cli', 'status', '--output', 'json')).stdout) as Status
     t.match((await status()).volumes, [{ name: 'lab', inSync: true, owner: 'a1' }])
+    const anonymous = await labRun(
+      ...['exec', 'w', process.execPath, cliPath, 'status', '--witness', '10.77.0.3:10815'],
+    )
+    t.equal(anonymous.code, 4, 'the lab runs cluster TLS: the CLI without credentials is refused')
 
     const cut = await labRun('cut', 'a', 'b')
     t.equal(cut.code, 0, cut.stderr)
