@@ -1,11 +1,11 @@
 /**
- * NBD over TLS the way QEMU does it (NBD_OPT_STARTTLS, x509), with real clients: qemu-io with
- * `--object tls-creds-x509` and nbdinfo with `nbds://` read and write a volume; a node that
- * requires TLS refuses plaintext clients (NBD_REP_ERR_TLS_REQD), clients without a certificate
- * and clients whose certificate another CA signed, before they reach any data; a node that only
- * offers TLS serves both; a volume's access lists let in only the certificates and addresses
- * they name; bad TLS settings are clear errors at start; a replaced certificate serves new
- * clients after SIGHUP while sessions opened before stay up.
+ * NBD over TLS the way QEMU does it (NBD_OPT_STARTTLS, x509), with real clients: qemu-io and
+ * qemu-img with `--object tls-creds-x509`, nbdinfo and nbdcopy with `nbds://` read and write a
+ * volume; a node that requires TLS refuses plaintext clients (NBD_REP_ERR_TLS_REQD), clients
+ * without a certificate and clients whose certificate another CA signed, before they reach any
+ * data; a node that only offers TLS serves both; a volume's access lists let in only the
+ * certificates and addresses they name; bad TLS settings are clear errors at start; a replaced
+ * certificate serves new clients after SIGHUP while sessions opened before stay up.
  */
 import t from 'tap'
 import type { Test } from 'tap'
@@ -20,7 +20,7 @@ import type { DaemonProcess } from '../lib/node-process.js'
 import { makePki } from '../lib/tls-certs.js'
 import { startPair } from '../lib/cluster.js'
 
-const skip = await missingTools(['qemu-io', 'nbdinfo', 'openssl'])
+const skip = await missingTools(['qemu-io', 'qemu-img', 'nbdinfo', 'nbdcopy', 'openssl'])
 
 async function startTlsNode(
   t: Test,
@@ -72,6 +72,32 @@ t.test('a node that requires TLS with client certificates', { skip: skip ?? fals
   t.equal(info.code, 0, info.stderr)
   t.match(info.stdout, /newstyle-fixed with TLS/, 'nbdinfo negotiated TLS')
   t.match(info.stdout, /export-size: 67108864/)
+
+  // nbdcopy copies the volume out over TLS and back in; qemu-img reads it over TLS.
+  const uri = `nbds://${address}/v?tls-certificates=${pki.clientDir}`
+  const copy = path.join(dir, 'copy.raw')
+  const out = await run('nbdcopy', [uri, copy])
+  t.equal(out.code, 0, `nbdcopy out over TLS: ${out.stderr}`)
+  const copied = await fs.readFile(copy)
+  t.ok(
+    copied.subarray(1 << 20, 5 << 20).equals(Buffer.alloc(4 << 20, 0x3c)),
+    'the copy holds the write',
+  )
+  copied.fill(0x5b, 8 << 20, 9 << 20)
+  await fs.writeFile(copy, copied)
+  const back = await run('nbdcopy', [copy, uri])
+  t.equal(back.code, 0, `nbdcopy in over TLS: ${back.stderr}`)
+  const [host, port] = address.split(':')
+  const qemuImg = await run('qemu-img', [
+    ...['compare', '--object', `tls-creds-x509,id=tls0,endpoint=client,dir=${pki.clientDir}`],
+    ...['--image-opts', `driver=nbd,host=${host ?? ''},port=${port ?? ''},export=v,tls-creds=tls0`],
+    ...['--image-opts', `driver=raw,file.driver=file,file.filename=${copy}`],
+  ])
+  t.equal(
+    qemuImg.code,
+    0,
+    `qemu-img over TLS finds the volume equal to the copy: ${qemuImg.stdout}${qemuImg.stderr}`,
+  )
 
   const plain = await run('qemu-io', ['-f', 'raw', '-c', 'read 0 4k', `nbd://${address}/v`])
   t.not(plain.code, 0, 'a plaintext client is refused')
