@@ -61,11 +61,14 @@ make_credentials() {
   node "$cli" cert issue admin --ca-dir "$dir/ca" --out "$dir" --kind admin >/dev/null
 }
 
-# Starts a daemon inside a site in the background; its pid goes to $state/NAME.pid.
+# Starts a daemon inside a site in the background; its pid goes to $state/NAME.pid. A simple
+# command (not a shell function) in the background, so that bash and then `ip netns exec` exec
+# into it: $! is the daemon itself, which `down` signals (a function would leave a subshell there,
+# and the daemon would outlive `down`).
 start_daemon() {
   local site="$1" name="$2"
   shift 2
-  in_site "$site" node "$cli" "$@" >"$state/$name.out" 2>"$state/$name.log" &
+  ip netns exec "$(ns "$site")" node "$cli" "$@" >"$state/$name.out" 2>"$state/$name.log" &
   echo $! >"$state/$name.pid"
 }
 

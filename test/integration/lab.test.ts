@@ -2,7 +2,7 @@
  * deploy/lab/lab.sh, as an operator rehearses a failure (root only: network namespaces; CI runs
  * as root): the three-site lab comes up with a volume in sync, a cut between the data sites
  * leaves it degraded while the primary's site keeps taking writes, healing resyncs it (the other
- * site then reads those writes), and `down` leaves no namespace or state behind. The lab runs
+ * site then reads those writes), and `down` leaves no daemon, namespace or state behind. The lab runs
  * cluster TLS, so a CLI without its credentials is refused.
  */
 import t from 'tap'
@@ -77,6 +77,8 @@ t.test(
 
     const down = await labRun('down')
     t.equal(down.code, 0, down.stderr)
+    const daemons = await run('pgrep', ['-f', `data-dir ${dir}/`])
+    t.equal(daemons.stdout.trim(), '', 'no lab daemon outlives down')
     const namespaces = await run('ip', ['netns', 'list'])
     t.notMatch(namespaces.stdout, /dxl-/, 'no lab namespace left')
     await t.rejects(fs.stat(dir), { code: 'ENOENT' }, 'no lab state left')
