@@ -37,8 +37,3 @@ export function nodeClientOptions(name: string): { credentials?: grpc.ChannelCre
   const tls = credentials()
   return tls === undefined ? {} : { credentials: tls.channelCredentials({ role: 'node', name }) }
 }
-
-/** Whether the CLI was given credentials (error messages). */
-export function hasCredentials(): boolean {
-  return directory !== undefined
-}

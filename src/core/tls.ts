@@ -66,7 +66,7 @@ function parseSubject(text: string): Subject {
   return subject
 }
 
-export function identityOfCertificate(cert: X509Certificate): Identity | undefined {
+function identityOfCertificate(cert: X509Certificate): Identity | undefined {
   return identityOfSubject(parseSubject(cert.subject))
 }
 
@@ -272,7 +272,7 @@ export interface TlsCredentialsOptions {
 }
 
 /** Default `reloadMs`: a replaced certificate is in use within a minute. */
-export const tlsReloadMsDefault = 60_000
+const tlsReloadMsDefault = 60_000
 
 export class TlsCredentials implements grpc.experimental.CertificateProvider {
   private material: TlsMaterial
@@ -454,7 +454,7 @@ function secureContextOf(material: TlsMaterial): tls.SecureContext {
  * the name pins the exact peer, and stays right when an address changes. (NBD clients such as
  * QEMU do check the address, which is why node certificates name it.)
  */
-export function serverIdentityError(cert: PeerCertificate, expect: Expectation): Error | undefined {
+function serverIdentityError(cert: PeerCertificate, expect: Expectation): Error | undefined {
   const problem = identityProblem(identityOfSubject(cert.subject), expect)
   if (problem === undefined) return undefined
   return new Error(`not the expected ${roleUnit(expect.role)}: ${problem}`)

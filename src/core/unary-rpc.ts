@@ -612,7 +612,7 @@ export class UnaryClient {
  * What to add to a failed connection's error when TLS is the likely cause: a handshake that
  * failed, or a plaintext client that a TLS server hung up on.
  */
-export function tlsHint(details: string, secure: boolean): string {
+function tlsHint(details: string, secure: boolean): string {
   if (/ECONNREFUSED|ENOTFOUND|EHOSTUNREACH|ETIMEDOUT|Deadline/i.test(details)) return ''
   if (secure) return ` (${tlsHintText})`
   return ' (if it runs cluster TLS, this side needs --credentials DIR; see docs/security.md)'
